@@ -1,0 +1,328 @@
+"""``sparsezo`` command line: thin wrappers over the API.
+
+Progress bars and logs go to stderr; ``--json`` makes a reporting command print exactly one
+JSON object on stdout. Any :class:`SparseZOError` becomes one ``sparsezo: error:`` line and
+exit code 2, before any output is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import SparseZOError
+
+log = logging.getLogger("sparsezo")
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="compute dtype of the frozen weights (bf16 is ~3x faster than fp32 on CPUs with avx512_bf16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+
+def _add_task_args(p: argparse.ArgumentParser, train: bool = True) -> None:
+    p.add_argument("--task", default="sst2", help="task name (sst2)")
+    p.add_argument("--data-dir", default=None, help="folder with the task's official files (default: shared assets)")
+    if train:
+        p.add_argument("--num-train", type=int, default=1000)
+        p.add_argument("--num-dev", type=int, default=500)
+    p.add_argument("--num-test", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="seeds data sampling, masks and ZO noise")
+
+
+def _add_mask_args(p: argparse.ArgumentParser, default_rule: str = "sensitive") -> None:
+    p.add_argument("--mask", default=default_rule,
+                   help="a mask file (mask.safetensors) or a rule: sensitive, sensitive-task, magnitude-small, "
+                        "magnitude-large, random, full")
+    p.add_argument("--density", type=float, default=1e-3, help="fraction of eligible weights to train (0, 1]")
+    p.add_argument("--scope", default="global", choices=["global", "per-tensor"])
+    p.add_argument("--calib", default=None, help="calibration text/JSONL for sensitive (default: WikiText-2 from the assets)")
+    p.add_argument("--calib-tokens", type=int, default=32768)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--include", default=None, help="regex of parameter names that may be trained")
+    p.add_argument("--exclude", default=None, help="regex of parameter names never trained")
+
+
+def _add_zo_args(p: argparse.ArgumentParser, steps: int = 1000) -> None:
+    from .zo.optim import OPTIMIZERS
+
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eps", type=float, default=1e-2, help="perturbation scale (>= 1e-2 survives bf16 rounding)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--q", type=int, default=1, help="SPSA queries per step (n-SPSA)")
+    p.add_argument("--dist", default="gaussian", choices=["gaussian", "rademacher"])
+    p.add_argument("--direction", default="applied", choices=["applied", "sampled"],
+                   help="update along the perturbation the rounded weights received (applied) or along z (sampled)")
+    p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS))
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--keep-last", action="store_true", help="keep the final θ instead of the best-dev one")
+    p.add_argument("--loss", default="ce", choices=["ce", "lm"],
+                   help="ce: cross-entropy over candidates; lm: NLL of the gold candidate")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Validate cheap arguments before loading anything."""
+    for name in ("num_train", "num_dev", "num_test", "steps", "calib_tokens", "seq_len"):
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            raise SparseZOError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+    density = getattr(args, "density", None)
+    if density is not None and not 0 < density <= 1:
+        raise SparseZOError(f"--density {density} is outside (0, 1]; e.g. --density 0.001 for 0.1%")
+    if getattr(args, "model", None) is not None and not (Path(args.model) / "config.json").is_file():
+        raise SparseZOError(f"--model {args.model} is not a Hugging Face model folder (no config.json); check the path")
+
+
+def _load(args: argparse.Namespace):
+    from .models import load_model
+
+    return load_model(args.model, args.dtype, args.device)
+
+
+def _splits(args: argparse.Namespace, train: bool = True):
+    from .tasks import get_task
+
+    task = get_task(args.task, args.data_dir)
+    if train:
+        return task.splits(args.seed, args.num_train, args.num_dev, args.num_test)
+    return task.splits(args.seed, 0, 0, args.num_test)
+
+
+def _mask(args: argparse.Namespace, model, tok, train_split=None):
+    """A mask from a file, or computed on the fly from a rule."""
+    from .masks import RULES, Mask, compute_mask
+
+    if args.mask not in RULES:
+        if not Path(args.mask).is_file():
+            raise SparseZOError(f"--mask {args.mask!r} is neither a mask file nor a rule ({', '.join(RULES)})")
+        mask = Mask.load(args.mask)
+        mask.check_model(model)
+        return mask
+    texts, source = None, None
+    if args.mask == "sensitive":
+        from .assets import default_calibration_file
+        from .masks.sensitive import read_texts
+
+        path = Path(args.calib) if args.calib else default_calibration_file()
+        texts, source = read_texts(path), str(path)
+    elif args.mask == "sensitive-task":
+        if not train_split:
+            raise SparseZOError("--mask sensitive-task needs the task's training split")
+        texts = [ex.prompt + ex.candidates[ex.gold] for ex in train_split]
+        source = f"task:{args.task}:train"
+    return compute_mask(model, args.mask, args.density, scope=args.scope, seed=args.seed, tokenizer=tok, texts=texts,
+                        source=source, include=args.include, exclude=args.exclude,
+                        calib_tokens=args.calib_tokens, seq_len=args.seq_len)
+
+
+def _zo_config(args: argparse.Namespace):
+    from .train import TrainConfig
+    from .zo import ZOConfig
+
+    zo = ZOConfig(lr=args.lr, eps=args.eps, q=args.q, dist=args.dist, direction=args.direction, optimizer=args.optimizer,
+                  weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup, seed=args.seed)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
+                      eval_batch_size=args.eval_batch_size, loss=args.loss, keep_best=not args.keep_last, zo=zo)
+    cfg.validate()
+    return cfg
+
+
+def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(obj) + "\n")
+    else:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> None:
+    from .io import atomic_dir, write_json
+    from .scoring import accuracy
+    from .train import fine_tune, run_meta, save_delta
+    from .zo import TrainableParams
+
+    _check_common(args)
+    cfg = _zo_config(args)
+    out = Path(args.out or f"runs/{args.task}-{Path(args.mask).stem}-seed{args.seed}")
+    if out.exists():
+        raise SparseZOError(f"output directory {out} already exists; choose another --out or remove it")
+    splits = _splits(args)
+    model, tok = _load(args)
+    mask = _mask(args, model, tok, splits["train"])
+    params = TrainableParams(model, mask)
+    log.info("training %d of %d eligible weights (%s)", mask.num_trainable, mask.num_eligible, mask.rule)
+    with atomic_dir(out) as tmp:
+        result = fine_tune(model, tok, params, splits["train"], splits["dev"], cfg, tmp / "metrics.jsonl")
+        test_acc = accuracy(model, tok, splits["test"], cfg.eval_batch_size)
+        results = {"task": args.task, "test_accuracy": test_acc, "best_dev_accuracy": result.best_dev_accuracy,
+                   "best_step": result.best_step, "steps": result.steps, "seconds": round(result.seconds, 2),
+                   "num_trainable": mask.num_trainable, "n_test": len(splits["test"])}
+        meta = run_meta(cfg, model=str(model.name_or_path), dtype=args.dtype, task=args.task, mask_rule=mask.rule,
+                        density=mask.meta.get("density"), num_train=args.num_train, num_dev=args.num_dev,
+                        num_test=args.num_test, results=results)
+        save_delta(params, tmp / "delta.safetensors", meta)
+        write_json(tmp / "config.json", meta)
+    _emit(args, dict(results, out=str(out)),
+          f"{args.task}: test accuracy {test_acc:.4f} (best dev {result.best_dev_accuracy:.4f} at step "
+          f"{result.best_step}/{result.steps}, {result.seconds:.0f}s) -> {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .checkpoint import load_delta
+    from .scoring import accuracy
+
+    _check_common(args)
+    deltas = [load_delta(d) for d in args.delta]
+    split = _splits(args, train=False)["test"]
+    model, tok = _load(args)
+    rows = []
+    for name, delta in [(None, None)] if not deltas else zip(args.delta, deltas):
+        applied = delta.apply(model) if delta is not None else None
+        acc = accuracy(model, tok, split, args.eval_batch_size)
+        rows.append({"task": args.task, "split": "test", "metric": "accuracy", "value": acc, "n": len(split), "delta": name})
+        if applied is not None:
+            applied.remove()  # the next delta starts from the base again
+    if args.json:
+        _emit(args, rows[0] if len(rows) == 1 else {"results": rows, **rows[0]}, "")
+        return
+    lines = [f"{'task':8} {'split':6} {'n':>5} {'metric':9} {'value':>7}  delta"]
+    lines += [f"{r['task']:8} {r['split']:6} {r['n']:>5} {r['metric']:9} {r['value']:7.4f}  {r['delta'] or '-'}" for r in rows]
+    _emit(args, {}, "\n".join(lines))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .masks import compute_mask
+    from .assets import default_calibration_file
+    from .masks.sensitive import read_texts
+    from .models import load_model
+    from .scoring import accuracy
+    from .tasks import get_task
+    from .train import TrainConfig, fine_tune
+    from .zo import TrainableParams, ZOConfig
+
+    t0 = time.perf_counter()
+    splits = get_task("sst2").splits(args.seed, 1000, args.num_dev, 1000)
+    model, tok = load_model(args.model, args.dtype, args.device)
+    zero = accuracy(model, tok, splits["test"])
+    log.info("zero-shot test accuracy %.4f", zero)
+    calib = default_calibration_file()
+    mask = compute_mask(model, "sensitive", args.density, tokenizer=tok, texts=read_texts(calib), source=str(calib),
+                        seed=args.seed, calib_tokens=args.calib_tokens)
+    params = TrainableParams(model, mask)
+    cfg = TrainConfig(steps=args.steps, eval_every=args.eval_every,
+                      zo=ZOConfig(lr=args.lr, eps=args.eps, seed=args.seed))
+    res = fine_tune(model, tok, params, splits["train"], splits["dev"], cfg)
+    tuned = accuracy(model, tok, splits["test"])
+    seconds = time.perf_counter() - t0
+    obj = {"task": "sst2", "model": str(model.name_or_path), "zero_shot_accuracy": zero, "finetuned_accuracy": tuned,
+           "steps": args.steps, "best_step": res.best_step, "lr": args.lr, "eps": args.eps, "density": args.density,
+           "num_trainable": mask.num_trainable, "n_test": len(splits["test"]), "seconds": round(seconds, 1)}
+    _emit(args, obj, f"SST-2 test accuracy: zero-shot {zero:.1%} -> fine-tuned {tuned:.1%} "
+                     f"({mask.num_trainable} sensitive weights, {args.steps} ZO steps, {seconds:.0f}s)")
+
+
+def cmd_mask_compute(args: argparse.Namespace) -> None:
+    _check_common(args)
+    if Path(args.out).exists():
+        raise SparseZOError(f"--out {args.out} already exists; choose another path or remove it")
+    splits = _splits(args) if args.mask == "sensitive-task" else None
+    model, tok = _load(args)
+    mask = _mask(args, model, tok, splits["train"] if splits else None)
+    mask.save(args.out)
+    info = {k: mask.meta.get(k) for k in ("rule", "density", "scope", "num_trainable", "num_eligible", "source")}
+    info.update(mask.stats)
+    _emit(args, dict(info, out=args.out), f"{mask.rule}: {mask.num_trainable} of {mask.num_eligible} weights -> {args.out}")
+
+
+def cmd_mask_info(args: argparse.Namespace) -> None:
+    from .masks import Mask
+
+    mask = Mask.load(args.file)
+    rows = []
+    for name, idx in mask.indices.items():
+        n = 1
+        for s in mask.shapes[name]:
+            n *= s
+        k = n if idx is None else idx.numel()
+        rows.append({"tensor": name, "trainable": k, "numel": n, "density": k / n})
+    obj = {"rule": mask.rule, "density": mask.meta.get("density"), "scope": mask.meta.get("scope"),
+           "num_trainable": mask.num_trainable, "num_eligible": mask.num_eligible, "tensors": rows}
+    text = "\n".join([f"{'tensor':60} {'trainable':>10} {'numel':>10} {'density':>9}"]
+                     + [f"{r['tensor']:60} {r['trainable']:>10} {r['numel']:>10} {r['density']:9.5f}" for r in rows]
+                     + [f"total: {mask.num_trainable} of {mask.num_eligible} ({mask.num_trainable / mask.num_eligible:.5f}), rule {mask.rule}"])
+    _emit(args, obj, text)
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsezo", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="ZO fine-tune on a task; writes delta.safetensors, config.json, metrics.jsonl")
+    _add_model_args(p), _add_task_args(p), _add_mask_args(p), _add_zo_args(p)
+    p.add_argument("--out", default=None, help="run directory (default runs/TASK-MASK-seedN); must not exist")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy of the base model, or base + --delta")
+    _add_model_args(p), _add_task_args(p, train=False)
+    p.add_argument("--delta", action="append", default=[], help="run dir or delta.safetensors (repeatable)")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="zero-shot -> sensitive sparse ZO fine-tune -> test, on SST-2 and the default model")
+    _add_model_args(p)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eps", type=float, default=1e-2)
+    p.add_argument("--density", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--num-dev", type=int, default=200)
+    p.add_argument("--calib-tokens", type=int, default=8192, help="WikiText-2 tokens for the Fisher scores")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    pm = sub.add_parser("mask", help="compute and inspect masks").add_subparsers(dest="mask_command", required=True)
+    p = pm.add_parser("compute", help="compute a mask file")
+    _add_model_args(p), _add_task_args(p), _add_mask_args(p)
+    p.add_argument("--out", required=True, help="output mask.safetensors")
+    p.set_defaults(func=cmd_mask_compute)
+    p = pm.add_parser("info", help="per-tensor density table of a mask file")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mask_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args.func(args)
+    except SparseZOError as e:
+        sys.stderr.write(f"sparsezo: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("sparsezo: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The mask object, its file format, and exact top-k selection shared by score-based rules.
+
+A mask maps each trainable tensor name to the sorted flat indices of its trainable entries
+(``None`` = the whole tensor, used by the ``full`` rule so that the MeZO baseline never
+materialises billions of indices). It is saved as ``mask.safetensors``: one int32/int64
+tensor per name, plus JSON metadata in the header (rule, density, scope, calibration source,
+model fingerprint, shapes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SparseZOError
+from ..io import load_tensors, save_tensors
+from ..models import check_fingerprint
+
+FORMAT = "sparsezo.mask/1"
+
+
+@dataclass
+class Mask:
+    """Trainable entries per tensor, in model order, with provenance metadata."""
+
+    indices: dict[str, torch.Tensor | None]
+    shapes: dict[str, tuple[int, ...]]
+    meta: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # timings/memory of the computation; not saved
+
+    @property
+    def rule(self) -> str:
+        return self.meta.get("rule", "?")
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(numel(self.shapes[n]) if i is None else i.numel() for n, i in self.indices.items())
+
+    @property
+    def num_eligible(self) -> int:
+        return sum(numel(s) for s in self.shapes.values())
+
+    @property
+    def is_full(self) -> bool:
+        return all(i is None for i in self.indices.values())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``mask.safetensors`` atomically (int32 indices when they fit)."""
+        tensors = {}
+        for name, idx in self.indices.items():
+            if idx is not None:
+                tensors[name] = idx.to(torch.int32 if numel(self.shapes[name]) < 2**31 else torch.int64)
+        meta = dict(self.meta, format=FORMAT, shapes={n: list(s) for n, s in self.shapes.items()},
+                    full_tensors=[n for n, i in self.indices.items() if i is None])
+        save_tensors(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Mask":
+        """Read and validate a mask file (shapes, index range, sortedness)."""
+        tensors, meta = load_tensors(path, "mask")
+        if meta.get("format") != FORMAT:
+            raise SparseZOError(f"mask file {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+        full = set(meta.get("full_tensors", []))
+        indices: dict[str, torch.Tensor | None] = {}
+        for name in shapes:  # metadata order = model order
+            if name in full:
+                indices[name] = None
+                continue
+            if name not in tensors:
+                raise SparseZOError(f"mask file {path} lacks indices for {name}; the file is corrupt, re-create it")
+            idx = tensors[name].to(torch.int64)
+            if idx.numel() and (idx[0] < 0 or idx[-1] >= numel(shapes[name]) or (idx[1:] <= idx[:-1]).any()):
+                raise SparseZOError(f"mask file {path}: indices of {name} are out of range or unsorted; re-create it")
+            indices[name] = idx
+        return cls(indices, shapes, {k: v for k, v in meta.items() if k not in ("shapes", "full_tensors")})
+
+    def check_model(self, model: nn.Module, what: str = "mask") -> dict[str, nn.Parameter]:
+        """Return the model's parameters this mask selects from, or raise naming the mismatch."""
+        params = dict(model.named_parameters())
+        for name, shape in self.shapes.items():
+            if name not in params:
+                raise SparseZOError(f"{what} names tensor {name}, which this model does not have; it was made for another model")
+            if tuple(params[name].shape) != shape:
+                raise SparseZOError(f"{what} expects {name} of shape {shape}, the model has {tuple(params[name].shape)}")
+        if "fingerprint" in self.meta:
+            check_fingerprint(self.meta["fingerprint"], model, what)
+        return {n: params[n] for n in self.shapes}
+
+
+@dataclass
+class MaskContext:
+    """What a rule may need besides the density: the model, its eligible tensors, and data."""
+
+    model: nn.Module
+    params: dict[str, nn.Parameter]
+    scope: str = "global"
+    seed: int = 0
+    tokenizer: Any = None
+    texts: list[str] | None = None  # calibration text (sensitive) or task text (sensitive-task)
+    calib_tokens: int = 32768
+    seq_len: int = 256
+    micro_batch: int = 8
+    info: dict[str, Any] = field(default_factory=dict)  # provenance rules record (saved with the mask)
+    stats: dict[str, Any] = field(default_factory=dict)  # timings rules record (reported, not saved)
+
+
+def numel(shape: tuple[int, ...] | list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def exact_count(density: float, n: int) -> int:
+    """Number of entries a density selects from ``n``: round(density × n), at least 1."""
+    if not 0.0 < density <= 1.0:
+        raise SparseZOError(f"density {density} is outside (0, 1]; pass e.g. --density 0.001 for 0.1%")
+    return max(1, min(n, round(density * n)))
+
+
+def select_top(scores: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, torch.Tensor]:
+    """Sorted flat indices of the highest scores: k = round(density × N) globally, or per tensor.
+
+    Global selection never sorts all scores at once: each tensor contributes its own top-k
+    candidates, the k-th largest candidate is the threshold, and ties at the threshold are
+    broken deterministically (model order, then index order) so the count is exact.
+    """
+    if scope == "per-tensor":
+        out = {}
+        for name, s in scores.items():
+            k = exact_count(density, s.numel())
+            out[name] = torch.topk(s.reshape(-1), k, sorted=False).indices.sort().values
+        return out
+    if scope != "global":
+        raise SparseZOError(f"unknown scope {scope!r}; choose global or per-tensor")
+    total = sum(s.numel() for s in scores.values())
+    k = exact_count(density, total)
+    cands = torch.cat([torch.topk(s.reshape(-1), min(k, s.numel()), sorted=False).values for s in scores.values()])
+    tau = torch.topk(cands, k, sorted=False).values.min()
+    out, taken = {}, 0
+    above = {name: (s.reshape(-1) > tau).nonzero().squeeze(1) for name, s in scores.items()}
+    budget_ties = k - sum(a.numel() for a in above.values())
+    for name, s in scores.items():
+        idx = above[name]
+        if budget_ties > taken:
+            ties = (s.reshape(-1) == tau).nonzero().squeeze(1)[: budget_ties - taken]
+            taken += ties.numel()
+            idx = torch.cat([idx, ties]).sort().values
+        out[name] = idx
+    return out

@@ -1,0 +1,163 @@
+"""Candidate scoring: log-likelihood of each candidate completion given its prompt.
+
+All candidates of all examples in a batch go through one padded forward. Logits are computed
+only at the positions that predict candidate tokens (never B×T×V): the decoder's hidden
+states are gathered at those positions and only they go through the LM head. When every
+candidate is a single token the prompt is run once and all candidates are read from its
+last position (the shared prefix is computed once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SparseZOError
+from .tasks import Example
+
+LOSSES = ("ce", "lm")
+
+
+@dataclass
+class Encoded:
+    prompt: list[int]
+    cands: list[list[int]]
+    gold: int
+
+
+@dataclass
+class Batch:
+    """A padded forward plus where to read which candidate token's log-prob."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    rows: torch.Tensor  # per query position: row in the batch
+    cols: torch.Tensor  # per query position: column (predicting the next token)
+    query: torch.Tensor  # per target token: which query position holds its distribution
+    target: torch.Tensor  # per target token: the token id
+    owner: torch.Tensor  # per target token: flat (example * max_cands + candidate)
+    gold: torch.Tensor  # per example: gold candidate index
+    num_cands: torch.Tensor  # per example: number of candidates
+    max_cands: int
+
+
+def encode(tokenizer, examples: list[Example], max_length: int = 1024) -> list[Encoded]:
+    """Tokenize prompts (with the tokenizer's special tokens) and candidates (without).
+
+    Prompts that would not fit with their longest candidate are cut from the left, keeping
+    the end of the prompt, which is where the question and answer cue are.
+    """
+    out = []
+    for ex in examples:
+        prompt = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+        cands = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in ex.candidates]
+        if any(len(c) == 0 for c in cands):
+            raise SparseZOError(f"a candidate of prompt {ex.prompt[:40]!r} tokenizes to nothing: {ex.candidates}")
+        room = max_length - max(len(c) for c in cands)
+        out.append(Encoded(prompt[-room:] if len(prompt) > room else prompt, cands, ex.gold))
+    return out
+
+
+def make_batch(encoded: list[Encoded], pad_id: int, padding_side: str = "right", device="cpu") -> Batch:
+    """Lay out one forward for all candidates of all ``encoded`` examples."""
+    shared = all(len(c) == 1 for e in encoded for c in e.cands)
+    seqs, rows, cols, query, target, owner = [], [], [], [], [], []
+    max_c = max(len(e.cands) for e in encoded)
+    for i, e in enumerate(encoded):
+        if shared:  # one row per example; every candidate read at the prompt's last position
+            rows.append(len(seqs))
+            cols.append(len(e.prompt) - 1)
+            seqs.append(e.prompt)
+            for j, c in enumerate(e.cands):
+                query.append(len(rows) - 1)
+                target.append(c[0])
+                owner.append(i * max_c + j)
+            continue
+        for j, c in enumerate(e.cands):  # one row per (example, candidate)
+            r = len(seqs)
+            seqs.append(e.prompt + c[:-1])
+            for t, tok in enumerate(c):
+                rows.append(r)
+                cols.append(len(e.prompt) - 1 + t)
+                query.append(len(rows) - 1)
+                target.append(tok)
+                owner.append(i * max_c + j)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    shift = [width - len(s) if padding_side == "left" else 0 for s in seqs]
+    for r, s in enumerate(seqs):
+        ids[r, shift[r] : shift[r] + len(s)] = torch.tensor(s)
+        attn[r, shift[r] : shift[r] + len(s)] = 1
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    cols = [c + shift[r] for r, c in zip(rows, cols)]
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return Batch(ids.to(device), attn.to(device), pos.to(device), t(rows), t(cols), t(query), t(target), t(owner),
+                 t([e.gold for e in encoded]), t([len(e.cands) for e in encoded]), max_c)
+
+
+@torch.no_grad()
+def candidate_logprobs(model: nn.Module, batch: Batch, mean: bool = False) -> torch.Tensor:
+    """[examples, max_cands] fp32 sum (or mean) of candidate-token log-probs; -inf where no candidate."""
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    )[0]
+    h = hidden[batch.rows, batch.cols]
+    logp = F.log_softmax(model.get_output_embeddings()(h).float(), dim=-1)
+    tok_lp = logp[batch.query, batch.target]
+    n_ex = batch.gold.numel()
+    flat = torch.zeros(n_ex * batch.max_cands, dtype=torch.float32, device=tok_lp.device)
+    flat.index_add_(0, batch.owner, tok_lp)
+    if mean:
+        counts = torch.zeros_like(flat).index_add_(0, batch.owner, torch.ones_like(tok_lp))
+        flat = flat / counts.clamp(min=1)
+    scores = flat.view(n_ex, batch.max_cands)
+    valid = torch.arange(batch.max_cands, device=scores.device)[None, :] < batch.num_cands[:, None]
+    return scores.masked_fill(~valid, float("-inf"))
+
+
+def loss_from_scores(scores: torch.Tensor, batch: Batch, kind: str) -> float:
+    """Training loss: ``ce`` = cross-entropy over candidates; ``lm`` = NLL of the gold candidate."""
+    if kind == "ce":
+        return F.cross_entropy(scores, batch.gold).item()
+    if kind == "lm":
+        return (-scores.gather(1, batch.gold[:, None])).mean().item()
+    raise SparseZOError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+
+
+def batch_loss(model: nn.Module, batch: Batch, kind: str = "ce") -> float:
+    """The scalar a ZO step compares between θ+εz and θ−εz.
+
+    ``lm`` uses the mean log-prob per gold token, so long answers do not dominate.
+    """
+    return loss_from_scores(candidate_logprobs(model, batch, mean=(kind == "lm")), batch, kind)
+
+
+def predict(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32, mean: bool = False,
+            progress=None) -> torch.Tensor:
+    """Predicted candidate index per example (argmax of summed/mean log-prob).
+
+    Examples are batched in order of length, so padding (wasted compute) stays small.
+    """
+    device = next(model.parameters()).device
+    enc = encode(tokenizer, examples)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i].prompt) + max(map(len, enc[i].cands)))
+    preds = torch.empty(len(enc), dtype=torch.long)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        b = make_batch([enc[i] for i in chunk], tokenizer.pad_token_id, device=device)
+        preds[chunk] = candidate_logprobs(model, b, mean=mean).argmax(1).cpu()
+        if progress is not None:
+            progress.update(len(chunk))
+    return preds
+
+
+def accuracy(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32, mean: bool = False,
+             progress=None) -> float:
+    preds = predict(model, tokenizer, examples, batch_size, mean, progress)
+    gold = torch.tensor([e.gold for e in examples])
+    return (preds == gold).float().mean().item()

@@ -1,0 +1,133 @@
+"""The training recipe: data → ZO steps → dev selection → test; a plain loop, no framework.
+
+:func:`fine_tune` is the API; ``sparsezo train`` and ``sparsezo demo`` are thin wrappers.
+MeZO's protocol: evaluate on the dev split every ``eval_every`` steps (and before training),
+keep the best θ (cheap: θ is small), report test accuracy of that θ.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .checkpoint import Delta
+from .errors import SparseZOError
+from .scoring import LOSSES, accuracy, batch_loss, encode, make_batch
+from .tasks import Example
+from .zo import StepRecord, TrainableParams, ZOConfig, ZOEngine
+
+
+@dataclass
+class TrainConfig:
+    """The loop's own settings; the optimiser's are in :class:`ZOConfig`."""
+
+    steps: int = 500
+    batch_size: int = 16
+    eval_every: int = 100
+    eval_batch_size: int = 32
+    loss: str = "ce"
+    keep_best: bool = True  # MeZO: return the θ with the best dev accuracy, not the last one
+    zo: ZOConfig = field(default_factory=ZOConfig)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise SparseZOError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.loss not in LOSSES:
+            raise SparseZOError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        self.zo.validate()
+
+
+@dataclass
+class TrainResult:
+    best_step: int
+    best_dev_accuracy: float
+    history: list[dict[str, Any]]
+    seconds: float
+    steps: int
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> list[int]:
+    """Examples of a step: consecutive slices of per-epoch seeded permutations (resumable by step)."""
+
+    perms: dict[int, np.ndarray] = {}
+    out = []
+    for j in range(step * batch_size, (step + 1) * batch_size):
+        epoch = j // n
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][j % n]))
+    return out
+
+
+def fine_tune(
+    model,
+    tokenizer,
+    params: TrainableParams,
+    train: list[Example],
+    dev: list[Example],
+    cfg: TrainConfig,
+    metrics_path: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Run ``cfg.steps`` ZO steps on ``train``; on return ``params`` hold the best-dev (or last) θ."""
+    cfg.validate()
+    if not train or not dev:
+        raise SparseZOError("training needs non-empty train and dev splits; raise --num-train/--num-dev")
+    engine = ZOEngine(params, cfg.zo, cfg.steps)
+    device = params.theta.device
+    encoded = encode(tokenizer, train)
+    pad = tokenizer.pad_token_id
+    metrics = open(metrics_path, "a") if metrics_path else None
+    history: list[dict[str, Any]] = []
+
+    def log(row: dict[str, Any]) -> None:
+        history.append(row)
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    def evaluate(step: int) -> float:
+        acc = accuracy(model, tokenizer, dev, cfg.eval_batch_size)
+        log({"step": step, "dev_accuracy": acc})
+        return acc
+
+    t0 = time.perf_counter()
+    best_acc, best_step, best_theta = evaluate(0), 0, params.theta.clone()
+    bar = tqdm(range(cfg.steps), desc="zo", unit="step", disable=not progress, dynamic_ncols=True)
+    running = None
+    try:
+        for step in bar:
+            b = make_batch([encoded[i] for i in batch_indices(cfg.zo.seed, step, len(encoded), cfg.batch_size)], pad, device=device)
+            rec: StepRecord = engine.step(step, lambda: batch_loss(model, b, cfg.loss))
+            running = rec.loss if running is None else 0.95 * running + 0.05 * rec.loss
+            log({"step": step + 1, "loss": rec.loss, "grad": rec.grads, "seed": rec.seeds, "lr": rec.lr})
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                acc = evaluate(step + 1)
+                if acc > best_acc or not cfg.keep_best:
+                    best_acc, best_step, best_theta = acc, step + 1, params.theta.clone()
+            bar.set_postfix(loss=f"{running:.4f}", dev=f"{best_acc:.3f}")
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+    params.theta.copy_(best_theta)
+    params.restore()
+    return TrainResult(best_step, best_acc, history, time.perf_counter() - t0, cfg.steps)
+
+
+def run_meta(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
+    """The ``config.json`` of a run: every setting needed to reproduce it."""
+    return {"train": {k: v for k, v in asdict(cfg).items() if k != "zo"}, "zo": asdict(cfg.zo), **extra}
+
+
+def save_delta(params: TrainableParams, path: str | Path, meta: dict[str, Any]) -> Delta:
+    delta = Delta.from_params(params, meta)
+    delta.save(path)
+    return delta

@@ -1,0 +1,8 @@
+"""Zeroth-order optimisation: noise, the trainable set, optimisers and the SPSA step."""
+
+from .noise import sample, step_seed
+from .optim import OPTIMIZERS, lr_at
+from .spsa import StepRecord, ZOConfig, ZOEngine
+from .trainable import TrainableParams
+
+__all__ = ["OPTIMIZERS", "StepRecord", "TrainableParams", "ZOConfig", "ZOEngine", "lr_at", "sample", "step_seed"]

@@ -1,0 +1,90 @@
+"""ZO optimizers over θ: given the estimated gradient of one θ block, update that block in place.
+
+Updates run block by block so full-ZO never holds a θ-sized gradient; per-entry state
+(momentum, Adam moments) is θ-sized, which is cheap for sparse sets. One class per rule,
+one registry entry.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SGD:
+    """ZO-SGD (MeZO): θ ← θ − lr·(ĝ + wd·θ)."""
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, numel: int, device, weight_decay: float = 0.0, **_: float):
+        self.wd = weight_decay
+        self.state = {k: torch.zeros(numel, dtype=torch.float32, device=device) for k in self.state_names}
+
+    def direction(self, theta: torch.Tensor, grad: torch.Tensor, s: int, e: int, t: int) -> torch.Tensor:
+        return grad
+
+    def update_(self, theta: torch.Tensor, grad: torch.Tensor, s: int, e: int, lr: float, t: int) -> None:
+        """Update θ[s:e] (passed as ``theta``) with its gradient estimate at step ``t`` (0-based)."""
+        d = self.direction(theta, grad, s, e, t)
+        if self.wd:
+            d = d + self.wd * theta
+        theta.sub_(lr * d)
+
+
+class Momentum(SGD):
+    """Heavy-ball momentum on the ZO gradient estimate."""
+
+    state_names = ("momentum",)
+
+    def __init__(self, numel: int, device, weight_decay: float = 0.0, beta1: float = 0.9, **_: float):
+        super().__init__(numel, device, weight_decay)
+        self.beta1 = beta1
+
+    def direction(self, theta, grad, s, e, t):
+        m = self.state["momentum"][s:e]
+        m.mul_(self.beta1).add_(grad)
+        return m
+
+
+class Adam(SGD):
+    """Adam on the ZO gradient estimate (ZO-Adam in ZO-Bench)."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, numel: int, device, weight_decay: float = 0.0, beta1: float = 0.9,
+                 beta2: float = 0.999, adam_eps: float = 1e-8, **_: float):
+        super().__init__(numel, device, weight_decay)
+        self.beta1, self.beta2, self.adam_eps = beta1, beta2, adam_eps
+
+    def direction(self, theta, grad, s, e, t):
+        m, v = self.state["exp_avg"][s:e], self.state["exp_avg_sq"][s:e]
+        m.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
+        v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        m_hat = m / (1 - self.beta1 ** (t + 1))
+        v_hat = v / (1 - self.beta2 ** (t + 1))
+        return m_hat / (v_hat.sqrt() + self.adam_eps)
+
+
+class SignSGD(SGD):
+    """ZO-SignSGD: only the sign of the estimate is used (robust to the scale of g)."""
+
+    def direction(self, theta, grad, s, e, t):
+        return grad.sign()
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "sign": SignSGD}
+
+
+def lr_at(schedule: str, lr: float, step: int, total: int, warmup: int = 0) -> float:
+    """Learning rate at 0-based ``step``: constant, linear decay, or cosine, after linear warm-up."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    if schedule == "constant":
+        return lr
+    if schedule == "linear":
+        return lr * (1.0 - frac)
+    if schedule == "cosine":
+        import math
+
+        return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"unknown lr schedule {schedule!r}")

@@ -1,0 +1,137 @@
+"""The ZO step: MeZO's seed trick with two-sided SPSA, over a :class:`TrainableParams` set.
+
+    for each query i:  z_i = noise(seed(t, i))
+        weights ← cast(θ + ε z_i);  L+ = loss()
+        weights ← cast(θ − ε z_i);  L− = loss()
+        g_i = (L+ − L−) / 2ε                      # one scalar
+    θ ← optimizer(θ, (1/q) Σ g_i d_i);  weights ← cast(θ)
+
+``d_i`` is the direction the weights really moved in: with ``direction="applied"`` it is
+(cast(θ+εz) − cast(θ−εz)) / 2ε, so rounding to bf16 cannot silently make the update follow a
+different direction than the one the loss difference measured (a 10-20% error at ε=1e-3 in
+bf16). ``direction="sampled"`` uses z itself (MeZO's behaviour; right for fp32 weights).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import SparseZOError
+from .noise import sample, step_seed
+from .optim import OPTIMIZERS, lr_at
+from .trainable import TrainableParams
+
+DISTRIBUTIONS = ("gaussian", "rademacher")
+DIRECTIONS = ("applied", "sampled")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class ZOConfig:
+    """Hyper-parameters of the ZO optimiser (MeZO's names where they exist)."""
+
+    lr: float = 1e-4
+    eps: float = 1e-2
+    q: int = 1
+    dist: str = "gaussian"
+    direction: str = "applied"
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    schedule: str = "constant"
+    warmup: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = [
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.eps > 0, f"--eps must be > 0, got {self.eps}"),
+            (self.q >= 1, f"--q must be >= 1, got {self.q}"),
+            (self.dist in DISTRIBUTIONS, f"--dist must be one of {DISTRIBUTIONS}, got {self.dist!r}"),
+            (self.direction in DIRECTIONS, f"--direction must be one of {DIRECTIONS}, got {self.direction!r}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise SparseZOError(msg)
+
+
+@dataclass
+class StepRecord:
+    """Everything needed to replay a step: its seeds, projected gradients and learning rate."""
+
+    step: int
+    seeds: list[int]
+    grads: list[float]
+    lr: float
+    loss: float
+
+
+class ZOEngine:
+    """Runs ZO steps on a trainable set; holds the optimiser state."""
+
+    def __init__(self, params: TrainableParams, cfg: ZOConfig, total_steps: int):
+        cfg.validate()
+        self.params, self.cfg, self.total_steps = params, cfg, total_steps
+        self.opt = OPTIMIZERS[cfg.optimizer](
+            params.numel, params.theta.device, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2
+        )
+
+    def _perturb(self, seed: int, scale: float) -> None:
+        for s, e in self.params.blocks():
+            z = sample(seed, s, e, self.cfg.dist, self.params.theta.device)
+            self.params.write(self.params.theta[s:e] + scale * z, s)
+
+    def perturbed_losses(self, seed: int, loss_fn: Callable[[], float]) -> tuple[float, float]:
+        """L(θ+εz) and L(θ−εz); the weights are left perturbed (call ``params.restore``)."""
+        self._perturb(seed, self.cfg.eps)
+        lp = loss_fn()
+        self._perturb(seed, -self.cfg.eps)
+        lm = loss_fn()
+        return lp, lm
+
+    def direction(self, seed: int, s: int, e: int) -> torch.Tensor:
+        """The update direction of θ[s:e] for ``seed`` (see the module docstring)."""
+        z = sample(seed, s, e, self.cfg.dist, self.params.theta.device)
+        if self.cfg.direction == "sampled":
+            return z
+        theta, eps = self.params.theta[s:e], self.cfg.eps
+        return (self.params.rounded(theta + eps * z) - self.params.rounded(theta - eps * z)) / (2 * eps)
+
+    def apply(self, step: int, seeds: list[int], grads: list[float], lr: float) -> None:
+        """θ ← optimizer(θ, mean_i g_i d_i), then write θ into the weights. Used by replay too."""
+        q = len(seeds)
+        for s, e in self.params.blocks():
+            grad = torch.zeros(e - s, dtype=torch.float32, device=self.params.theta.device)
+            for seed, g in zip(seeds, grads):
+                grad.add_(self.direction(seed, s, e), alpha=g / q)
+            self.opt.update_(self.params.theta[s:e], grad, s, e, lr, step)
+        self.params.restore()
+
+    def step(self, step: int, loss_fn: Callable[[], float]) -> StepRecord:
+        """One ZO step at 0-based ``step``; raises on a non-finite loss, leaving θ untouched."""
+        seeds, grads, losses = [], [], []
+        for i in range(self.cfg.q):
+            seed = step_seed(self.cfg.seed, step, i)
+            lp, lm = self.perturbed_losses(seed, loss_fn)
+            if not (math.isfinite(lp) and math.isfinite(lm)):
+                self.params.restore()
+                raise SparseZOError(
+                    f"loss became non-finite at step {step} (L+={lp}, L-={lm}); lower --lr or --eps and retry"
+                )
+            seeds.append(seed)
+            grads.append((lp - lm) / (2 * self.cfg.eps))
+            losses.append(0.5 * (lp + lm))
+        lr = lr_at(self.cfg.schedule, self.cfg.lr, step, self.total_steps, self.cfg.warmup)
+        self.apply(step, seeds, grads, lr)
+        return StepRecord(step, seeds, grads, lr, sum(losses) / len(losses))
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)

@@ -1,0 +1,93 @@
+"""The trainable set: one contiguous fp32 master vector θ over all masked entries.
+
+Why fp32: ZO updates (lr × g × z) are far below bf16 resolution, so they must accumulate in a
+full-precision copy. θ is cheap when the set is sparse (0.1% of 7B = 26 MB). Before each
+forward the relevant slice of θ is cast to the compute dtype and written into the weights;
+entries outside the mask are never read or written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import SparseZOError
+from ..masks import Mask
+
+
+CHUNK = 1 << 22  # θ entries processed at once (bounds temporaries in full ZO)
+
+
+class TrainableParams:
+    """fp32 master θ plus the map from θ ranges to (tensor, flat indices)."""
+
+    def __init__(self, model: nn.Module, mask: Mask):
+        params = mask.check_model(model)
+        dtypes = {p.dtype for p in params.values()}
+        if len(dtypes) != 1:
+            raise SparseZOError(f"trainable tensors have mixed dtypes {sorted(map(str, dtypes))}; load the model in one dtype")
+        self.dtype = dtypes.pop()
+        self.mask = mask
+        self.names = list(params)
+        self.params = [params[n] for n in self.names]
+        self.indices = [mask.indices[n] for n in self.names]
+        self.indices = [None if i is None else i.to(p.device) for i, p in zip(self.indices, self.params)]
+        sizes = [p.numel() if i is None else i.numel() for p, i in zip(self.params, self.indices)]
+        self.offsets = [0]
+        for s in sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        device = self.params[0].device
+        self.theta = torch.empty(self.offsets[-1], dtype=torch.float32, device=device)
+        with torch.no_grad():
+            for k, (p, i) in enumerate(zip(self.params, self.indices)):
+                flat = p.detach().reshape(-1)
+                self.theta[self.offsets[k] : self.offsets[k + 1]] = flat.float() if i is None else flat[i].float()
+
+    @property
+    def numel(self) -> int:
+        return self.theta.numel()
+
+    def blocks(self) -> Iterator[tuple[int, int]]:
+        """θ in chunks of ``CHUNK`` entries (one chunk for any sparse set up to 4 M entries)."""
+        for s in range(0, self.numel, CHUNK):
+            yield s, min(self.numel, s + CHUNK)
+
+    @torch.no_grad()
+    def write(self, values: torch.Tensor, start: int = 0) -> None:
+        """Cast ``values`` (= new θ[start:start+len]) to the compute dtype and store them in the weights."""
+        end = start + values.numel()
+        values = values.to(self.dtype)
+        for k, (p, idx) in enumerate(zip(self.params, self.indices)):
+            lo, hi = max(start, self.offsets[k]), min(end, self.offsets[k + 1])
+            if lo >= hi:
+                continue
+            a, b = lo - self.offsets[k], hi - self.offsets[k]
+            flat = p.data.view(-1)
+            if idx is None:
+                flat[a:b].copy_(values[lo - start : hi - start])
+            else:
+                flat.index_copy_(0, idx[a:b], values[lo - start : hi - start])
+
+    def restore(self) -> None:
+        """Write the unperturbed θ back: weights become exactly cast(θ) again."""
+        for s, e in self.blocks():
+            self.write(self.theta[s:e], s)
+
+    def rounded(self, values: torch.Tensor) -> torch.Tensor:
+        """What the weights will actually hold for ``values``: cast to the compute dtype and back."""
+        return values.to(self.dtype).float()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """θ as per-tensor values (for deltas): {name: values} in mask order."""
+        return {n: self.theta[self.offsets[k] : self.offsets[k + 1]] for k, n in enumerate(self.names)}
+
+    def load_values(self, values: dict[str, torch.Tensor]) -> None:
+        """Set θ from per-tensor values and write them into the model."""
+        for k, n in enumerate(self.names):
+            v = values[n].reshape(-1)
+            if v.numel() != self.offsets[k + 1] - self.offsets[k]:
+                raise SparseZOError(f"values for {n} have {v.numel()} entries, the mask selects {self.offsets[k + 1] - self.offsets[k]}")
+            self.theta[self.offsets[k] : self.offsets[k + 1]] = v.to(self.theta)
+        self.restore()

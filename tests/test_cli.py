@@ -1,0 +1,103 @@
+"""The command line end to end on a tiny model and tiny SST-2-shaped files."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import save_tiny_model, write_sst2
+from sparsezo.cli import main
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {"model": str(save_tiny_model(root / "model")), "data": str(write_sst2(root / "sst2")), "root": root}
+
+
+def _common(env):
+    return ["--model", env["model"], "--data-dir", env["data"], "--dtype", "float32"]
+
+
+def _train_args(env, out, *extra):
+    return ["train", *_common(env), "--mask", "random", "--density", "0.05", "--steps", "20", "--eval-every", "10",
+            "--num-train", "64", "--num-dev", "16", "--num-test", "32", "--lr", "0.03", "--eps", "1e-3",
+            "--keep-last", "--out", str(out), *extra]
+
+
+def test_train_then_eval_end_to_end(env, capsys):
+    out = env["root"] / "run"
+    assert main(_train_args(env, out, "--json")) == 0
+    result = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "delta.safetensors", "metrics.jsonl"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["zo"]["lr"] == 0.03 and config["train"]["steps"] == 20 and config["mask_rule"] == "random"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))
+    assert [r["step"] for r in rows if "dev_accuracy" in r] == [0, 10, 20]
+    assert 0 <= result["test_accuracy"] <= 1 and result["n_test"] == 32
+
+    assert main(["eval", *_common(env), "--num-test", "32", "--delta", str(out), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["task"] == "sst2" and ev["metric"] == "accuracy" and ev["n"] == 32
+    assert ev["value"] == result["test_accuracy"]  # the saved delta reproduces the in-memory model exactly
+
+    assert main(["eval", *_common(env), "--num-test", "32"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:4] == ["task", "split", "n", "metric"]
+
+
+def test_mask_compute_and_info(env, capsys):
+    path = env["root"] / "mask.safetensors"
+    assert main(["mask", "compute", "--model", env["model"], "--mask", "magnitude-small", "--density", "0.01",
+                 "--out", str(path), "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert main(["mask", "info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_trainable"] == made["num_trainable"] == sum(r["trainable"] for r in info["tensors"])
+    out = env["root"] / "run-maskfile"
+    assert main(["train", *_common(env), "--mask", str(path), "--steps", "2", "--eval-every", "1", "--num-train", "16",
+                 "--num-dev", "8", "--num-test", "8", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_trainable"] == made["num_trainable"]
+
+
+def _bad(env, tmp_path, name, content):
+    d = tmp_path / name
+    d.mkdir()
+    for fname, text in content.items():
+        (d / fname).write_text(text)
+    return str(d)
+
+
+@pytest.mark.parametrize("case", ["model", "task", "density0", "density2", "steps0", "steps-1", "missing_file",
+                                  "bad_header", "bad_label", "empty"])
+def test_bad_input_gives_one_line_exit_2_and_no_output(env, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    good_dev = "label\tcontent\n1\tgood film\n"
+    args = {
+        "model": ["--model", str(tmp_path / "nope")],
+        "task": ["--task", "nosuchtask"],
+        "density0": ["--density", "0"],
+        "density2": ["--density", "2"],
+        "steps0": ["--steps", "0"],
+        "steps-1": ["--steps", "-1"],
+        "missing_file": ["--data-dir", _bad(env, tmp_path, "d1", {"dev.tsv": good_dev})],
+        "bad_header": ["--data-dir", _bad(env, tmp_path, "d2", {"train.tsv": "x\ty\n1\tgood\n", "dev.tsv": good_dev})],
+        "bad_label": ["--data-dir", _bad(env, tmp_path, "d3", {"train.tsv": "label\tsentence\n" + "7\tgood\n" * 200,
+                                                               "dev.tsv": good_dev})],
+        "empty": ["--data-dir", _bad(env, tmp_path, "d4", {"train.tsv": "", "dev.tsv": good_dev})],
+    }[case]
+    assert main(_train_args(env, out) + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sparsezo: error: "), err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out*"))  # no temporary leftovers either
+
+
+def test_module_entry_point_reports_errors_on_stderr(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sparsezo", "eval", "--model", str(tmp_path / "missing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip().startswith("sparsezo: error: --model") and "config.json" in proc.stderr
