@@ -58,3 +58,12 @@ def write_sst2(path: Path, n_train: int = 200, n_test: int = 60) -> Path:
     with open(path / "dev.tsv", "w") as f:
         f.write("label\tcontent\n" + "".join(f"{y}\t{s}\n" for y, s in sentences(n_test, 2)))
     return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """A JSON-lines file (one object per line), creating its folder."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

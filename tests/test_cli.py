@@ -55,7 +55,7 @@ def test_mask_compute_and_info(env, capsys):
     made = json.loads(capsys.readouterr().out)
     assert main(["mask", "info", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["num_trainable"] == made["num_trainable"] == sum(r["trainable"] for r in info["tensors"])
+    assert info["num_trainable"] == made["num_trainable"] == sum(r["trainable"] for r in info["layers"].values())
     out = env["root"] / "run-maskfile"
     assert main(["train", *_common(env), "--mask", str(path), "--steps", "2", "--eval-every", "1", "--num-train", "16",
                  "--num-dev", "8", "--num-test", "8", "--out", str(out), "--json"]) == 0
@@ -101,3 +101,58 @@ def test_module_entry_point_reports_errors_on_stderr(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().startswith("sparsezo: error: --model") and "config.json" in proc.stderr
+
+
+def test_sensitive_mask_compare_info_plot_mass(env, tmp_path, capsys):
+    from helpers import sentences
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(s for _, s in sentences(100, 5)))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    base = ["mask", "compute", "--model", env["model"], "--dtype", "float32", "--density", "0.01", "--json"]
+    assert main([*base, "--mask", "sensitive", "--calib", str(calib), "--seq-len", "16", "--calib-tokens", "256",
+                 "--out", str(a)]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["rule"] == "sensitive" and made["peak_memory_bytes"] > 0 and made["seconds"] >= 0
+    assert 0 < made["fisher_mass"]["0.001"] < made["fisher_mass"]["0.01"] < made["fisher_mass"]["0.1"] <= 1
+    assert main([*base, "--mask", "sensitive-task", "--data-dir", env["data"], "--num-train", "50", "--num-dev", "10",
+                 "--seq-len", "16", "--out", str(b)]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == "task:sst2:train"
+    assert main(["mask", "compare", str(a), str(a), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["jaccard"] == 1.0
+    assert main(["mask", "compare", str(a), str(b)]) == 0
+    assert capsys.readouterr().out.startswith("Jaccard overlap 0.")
+    png = tmp_path / "layers.png"
+    assert main(["mask", "info", str(a), "--plot", str(png)]) == 0
+    assert "total" in capsys.readouterr().out and png.stat().st_size > 1000
+    assert main(["mask", "mass", "--model", env["model"], "--dtype", "float32", "--calib", str(calib), "--seq-len", "16",
+                 "--calib-tokens", "256", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mass"]["0.001"] == made["fisher_mass"]["0.001"]
+
+
+@pytest.mark.parametrize("case", ["mismatch", "corrupt", "empty_calib", "density"])
+def test_bad_mask_input(env, tmp_path, capsys, case):
+    from helpers import save_tiny_model
+
+    out = tmp_path / "m.safetensors"
+    good = tmp_path / "good.safetensors"
+    assert main(["mask", "compute", "--model", env["model"], "--mask", "random", "--out", str(good)]) == 0
+    capsys.readouterr()
+    if case == "mismatch":
+        other = save_tiny_model(tmp_path / "other", seed=7)
+        capsys.readouterr()
+        args = ["train", "--model", str(other), "--data-dir", env["data"], "--mask", str(good), "--out", str(tmp_path / "run")]
+        out = tmp_path / "run"
+    elif case == "corrupt":
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(good.read_bytes()[:100])
+        args = ["mask", "info", str(bad)]
+    elif case == "empty_calib":
+        (tmp_path / "empty.txt").write_text("  \n")
+        args = ["mask", "compute", "--model", env["model"], "--calib", str(tmp_path / "empty.txt"), "--out", str(out)]
+    else:
+        args = ["mask", "compute", "--model", env["model"], "--mask", "random", "--density", "1.5", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sparsezo: error: "), err
+    assert not out.exists()

@@ -151,3 +151,43 @@ def test_bad_mask_arguments():
         compute_mask(model, "sensitive", 0.1, tokenizer=tiny_tokenizer(), texts=None)
     with pytest.raises(SparseZOError, match="fewer than one sequence"):
         compute_mask(model, "sensitive", 0.1, tokenizer=tiny_tokenizer(), texts=["good movie"], seq_len=64)
+
+
+def test_compare_is_jaccard_of_index_sets():
+    from sparsezo.masks.analysis import compare
+
+    model = tiny_model()
+    a, b = compute_mask(model, "random", 0.1, seed=1), compute_mask(model, "magnitude-large", 0.1)
+    res = compare(a, b)
+    sa = {(n, i) for n, idx in a.indices.items() for i in idx.tolist()}
+    sb = {(n, i) for n, idx in b.indices.items() for i in idx.tolist()}
+    assert res["jaccard"] == pytest.approx(len(sa & sb) / len(sa | sb))
+    assert res["intersection"] == len(sa & sb)
+    assert compare(a, a)["jaccard"] == 1.0
+    assert set(res["layers"]) == {"0", "1"} and "q_proj" in res["modules"]
+    full = compute_mask(model, "full")
+    assert compare(a, full)["jaccard"] == pytest.approx(a.num_trainable / full.num_trainable)
+
+
+def test_fisher_mass_matches_reference():
+    from sparsezo.masks.analysis import fisher_mass
+
+    g = torch.Generator().manual_seed(0)
+    scores = {"x": torch.rand(1000, generator=g) ** 8, "y": torch.rand(3000, generator=g) ** 8}
+    mass = fisher_mass(scores, (1e-3, 1e-2, 0.5, 1.0))
+    flat = torch.cat([scores["x"], scores["y"]]).sort(descending=True).values
+    for d, m in mass.items():
+        k = max(1, round(float(d) * 4000))
+        assert m == pytest.approx((flat[:k].sum() / flat.sum()).item(), rel=1e-6)
+    assert list(mass.values()) == sorted(mass.values()) and mass["1"] == pytest.approx(1.0)
+
+
+def test_density_table_and_plot(tmp_path):
+    from sparsezo.masks.analysis import density_table, plot_layer_density
+
+    mask = compute_mask(tiny_model(), "random", 0.1, seed=2)
+    table = density_table(mask)
+    assert sum(r["trainable"] for r in table["layers"].values()) == mask.num_trainable
+    assert sum(r["numel"] for r in table["modules"].values()) == mask.num_eligible
+    plot_layer_density(mask, tmp_path / "d.png")
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

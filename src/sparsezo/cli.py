@@ -31,7 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_task_args(p: argparse.ArgumentParser, train: bool = True) -> None:
-    p.add_argument("--task", default="sst2", help="task name (sst2)")
+    from .tasks import TASKS
+
+    p.add_argument("--task", default="sst2", help=f"task name: {', '.join(TASKS)}")
     p.add_argument("--data-dir", default=None, help="folder with the task's official files (default: shared assets)")
     if train:
         p.add_argument("--num-train", type=int, default=1000)
@@ -103,6 +105,21 @@ def _splits(args: argparse.Namespace, train: bool = True):
     return task.splits(args.seed, 0, 0, args.num_test)
 
 
+def _calibration(args: argparse.Namespace, train_split=None) -> tuple[list[str] | None, str | None]:
+    """Texts the Fisher score is computed on: --calib/WikiText-2, or the task's training split."""
+    if args.mask == "sensitive-task":
+        if not train_split:
+            raise SparseZOError("--mask sensitive-task needs the task's training split")
+        return [ex.prompt + ex.candidates[ex.gold] for ex in train_split], f"task:{args.task}:train"
+    if args.mask == "sensitive":
+        from .assets import default_calibration_file
+        from .masks.sensitive import read_texts
+
+        path = Path(args.calib) if args.calib else default_calibration_file()
+        return read_texts(path), str(path)
+    return None, None
+
+
 def _mask(args: argparse.Namespace, model, tok, train_split=None):
     """A mask from a file, or computed on the fly from a rule."""
     from .masks import RULES, Mask, compute_mask
@@ -113,18 +130,7 @@ def _mask(args: argparse.Namespace, model, tok, train_split=None):
         mask = Mask.load(args.mask)
         mask.check_model(model)
         return mask
-    texts, source = None, None
-    if args.mask == "sensitive":
-        from .assets import default_calibration_file
-        from .masks.sensitive import read_texts
-
-        path = Path(args.calib) if args.calib else default_calibration_file()
-        texts, source = read_texts(path), str(path)
-    elif args.mask == "sensitive-task":
-        if not train_split:
-            raise SparseZOError("--mask sensitive-task needs the task's training split")
-        texts = [ex.prompt + ex.candidates[ex.gold] for ex in train_split]
-        source = f"task:{args.task}:train"
+    texts, source = _calibration(args, train_split)
     return compute_mask(model, args.mask, args.density, scope=args.scope, seed=args.seed, tokenizer=tok, texts=texts,
                         source=source, include=args.include, exclude=args.exclude,
                         calib_tokens=args.calib_tokens, seq_len=args.seq_len)
@@ -174,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                    "num_trainable": mask.num_trainable, "n_test": len(splits["test"])}
         meta = run_meta(cfg, model=str(model.name_or_path), dtype=args.dtype, task=args.task, mask_rule=mask.rule,
                         density=mask.meta.get("density"), num_train=args.num_train, num_dev=args.num_dev,
-                        num_test=args.num_test, results=results)
+                        num_test=args.num_test, split_sizes={k: len(v) for k, v in splits.items()}, results=results)
         save_delta(params, tmp / "delta.safetensors", meta)
         write_json(tmp / "config.json", meta)
     _emit(args, dict(results, out=str(out)),
@@ -237,6 +243,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_mask_compute(args: argparse.Namespace) -> None:
+    from .resources import peak_memory_bytes
+
     _check_common(args)
     if Path(args.out).exists():
         raise SparseZOError(f"--out {args.out} already exists; choose another path or remove it")
@@ -245,27 +253,60 @@ def cmd_mask_compute(args: argparse.Namespace) -> None:
     mask = _mask(args, model, tok, splits["train"] if splits else None)
     mask.save(args.out)
     info = {k: mask.meta.get(k) for k in ("rule", "density", "scope", "num_trainable", "num_eligible", "source")}
-    info.update(mask.stats)
-    _emit(args, dict(info, out=args.out), f"{mask.rule}: {mask.num_trainable} of {mask.num_eligible} weights -> {args.out}")
+    info.update(mask.stats, peak_memory_bytes=peak_memory_bytes(args.device), out=args.out)
+    text = (f"{mask.rule}: {mask.num_trainable} of {mask.num_eligible} weights in {mask.stats['seconds']:.1f}s, "
+            f"peak memory {info['peak_memory_bytes'] / 2**30:.2f} GiB -> {args.out}")
+    if "fisher_mass" in mask.stats:
+        text += "\nFisher mass held by the top d: " + ", ".join(f"{d}: {m:.3f}" for d, m in mask.stats["fisher_mass"].items())
+    _emit(args, info, text)
 
 
 def cmd_mask_info(args: argparse.Namespace) -> None:
     from .masks import Mask
+    from .masks.analysis import density_table, plot_layer_density
 
     mask = Mask.load(args.file)
-    rows = []
-    for name, idx in mask.indices.items():
-        n = 1
-        for s in mask.shapes[name]:
-            n *= s
-        k = n if idx is None else idx.numel()
-        rows.append({"tensor": name, "trainable": k, "numel": n, "density": k / n})
+    table = density_table(mask)
+    if args.plot:
+        plot_layer_density(mask, args.plot)
     obj = {"rule": mask.rule, "density": mask.meta.get("density"), "scope": mask.meta.get("scope"),
-           "num_trainable": mask.num_trainable, "num_eligible": mask.num_eligible, "tensors": rows}
-    text = "\n".join([f"{'tensor':60} {'trainable':>10} {'numel':>10} {'density':>9}"]
-                     + [f"{r['tensor']:60} {r['trainable']:>10} {r['numel']:>10} {r['density']:9.5f}" for r in rows]
-                     + [f"total: {mask.num_trainable} of {mask.num_eligible} ({mask.num_trainable / mask.num_eligible:.5f}), rule {mask.rule}"])
-    _emit(args, obj, text)
+           "source": mask.meta.get("source"), "num_trainable": mask.num_trainable, "num_eligible": mask.num_eligible,
+           **table}
+    lines = [f"{'group':>14} {'trainable':>10} {'numel':>11} {'density':>9}"]
+    for kind in ("layers", "modules"):
+        lines += [f"{kind[:-1] + ' ' + k:>14} {r['trainable']:>10} {r['numel']:>11} {r['density']:9.5f}"
+                  for k, r in table[kind].items()]
+    lines.append(f"{'total':>14} {mask.num_trainable:>10} {mask.num_eligible:>11} "
+                 f"{mask.num_trainable / mask.num_eligible:9.5f}   rule {mask.rule}, scope {mask.meta.get('scope')}")
+    _emit(args, obj, "\n".join(lines))
+
+
+def cmd_mask_compare(args: argparse.Namespace) -> None:
+    from .masks import Mask
+    from .masks.analysis import compare
+
+    res = compare(Mask.load(args.a), Mask.load(args.b))
+    lines = [f"Jaccard overlap {res['jaccard']:.4f} ({res['intersection']} shared of {res['a']} and {res['b']})"]
+    lines += [f"  layer {k:>3}: {v:.4f}" for k, v in res["layers"].items()]
+    lines += [f"  {k:>9}: {v:.4f}" for k, v in res["modules"].items()]
+    _emit(args, res, "\n".join(lines))
+
+
+def cmd_mask_mass(args: argparse.Namespace) -> None:
+    from .masks import sensitivity_scores
+    from .masks.analysis import fisher_mass
+
+    _check_common(args)
+    if args.mask not in ("sensitive", "sensitive-task"):
+        raise SparseZOError("mask mass needs --mask sensitive (calibration text) or sensitive-task")
+    splits = _splits(args) if args.mask == "sensitive-task" else None
+    model, tok = _load(args)
+    texts, source = _calibration(args, splits["train"] if splits else None)
+    scores = sensitivity_scores(model, tok, texts, include=args.include, exclude=args.exclude,
+                                calib_tokens=args.calib_tokens, seq_len=args.seq_len)
+    mass = fisher_mass(scores)
+    _emit(args, {"source": source, "mass": mass},
+          "\n".join([f"{'density':>8} {'Fisher mass':>11}"] + [f"{d:>8} {m:11.4f}" for d, m in mass.items()]))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -302,10 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p), _add_task_args(p), _add_mask_args(p)
     p.add_argument("--out", required=True, help="output mask.safetensors")
     p.set_defaults(func=cmd_mask_compute)
-    p = pm.add_parser("info", help="per-tensor density table of a mask file")
+    p = pm.add_parser("info", help="per-layer and per-module density of a mask file")
     p.add_argument("file")
+    p.add_argument("--plot", default=None, help="write a per-layer density chart (PNG) here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mask_info)
+    p = pm.add_parser("compare", help="Jaccard overlap of two mask files, overall and per layer/module")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mask_compare)
+    p = pm.add_parser("mass", help="share of the total Fisher score held by the top d of weights")
+    _add_model_args(p), _add_task_args(p), _add_mask_args(p)
+    p.set_defaults(func=cmd_mask_mass)
     return parser
 
 
@@ -313,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # sub-second loads; keeps stderr to our own bars and one-line errors
     try:
         args.func(args)
     except SparseZOError as e:

@@ -69,4 +69,11 @@ def compute_mask(
     return mask
 
 
-__all__ = ["Mask", "MaskContext", "RULES", "compute_mask", "select_top", "exact_count"]
+def sensitivity_scores(model: nn.Module, tokenizer, texts: list[str], *, include: str | None = None,
+                       exclude: str | None = None, **options) -> dict[str, torch.Tensor]:
+    """The Fisher scores the ``sensitive`` rule ranks by (for analysis, e.g. the mass curve)."""
+    ctx = MaskContext(model, eligible_parameters(model, include, exclude), tokenizer=tokenizer, texts=texts, **options)
+    return sensitive.fisher_scores(ctx)
+
+
+__all__ = ["Mask", "MaskContext", "RULES", "compute_mask", "exact_count", "select_top", "sensitivity_scores"]

@@ -61,7 +61,11 @@ def fisher_scores(ctx: MaskContext) -> dict[str, torch.Tensor]:
 
 
 def compute(ctx: MaskContext, density: float) -> dict[str, torch.Tensor]:
-    return select_top(fisher_scores(ctx), density, ctx.scope)
+    from .analysis import fisher_mass
+
+    scores = fisher_scores(ctx)
+    ctx.stats["fisher_mass"] = fisher_mass(scores)
+    return select_top(scores, density, ctx.scope)
 
 
 def read_texts(path) -> list[str]:
