@@ -73,8 +73,24 @@ def main() -> None:
     lines += ["", "## Jaccard overlap at this density", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for a in names:
         lines.append(f"| {a} | " + " | ".join(f"{jaccard[a][b]:.3f}" for b in names) + " |")
-    lines += ["", "Expected overlap of two independent random masks at density d is about d/(2-d) "
-              f"= {float(args.density) / (2 - float(args.density)):.4f}."]
+    d = float(args.density)
+    rand_j = d / (2 - d)
+    shared = {t: wiki_vs_task[t]["intersection"] / masks["wikitext"].num_trainable for t in wiki_vs_task}
+    lines += ["", f"Expected overlap of two independent random masks at density d is about d/(2-d) = {rand_j:.4f}.",
+              "", "## What the numbers say", "",
+              f"- The top {d:g} of weights hold {runs['wikitext']['fisher_mass'][f'{d:g}']:.0%} of the WikiText-2 Fisher "
+              "mass (SensZOQ reports about 50% at 0.1% on Llama2-7B): the score is very concentrated here too.",
+              f"- The WikiText-2 mask shares {shared['sst2-task']:.0%} of its entries with the SST-2 task mask and "
+              f"{shared['rte-task']:.0%} with the RTE task mask (Jaccard {jaccard['wikitext']['sst2-task']:.2f} / "
+              f"{jaccard['wikitext']['rte-task']:.2f}, about {jaccard['wikitext']['sst2-task'] / rand_j:.0f}x chance); "
+              f"the two task masks overlap each other about as much ({jaccard['sst2-task']['rte-task']:.2f}). "
+              "Sensitive weights are largely the same whatever the text, which supports SensZOQ's transfer claim; "
+              "whether the unshared part matters for accuracy is measured by fine-tuning (issue 8).",
+              f"- Magnitude masks pick nearly disjoint sets from the sensitive ones (Jaccard <= "
+              f"{max(jaccard['wikitext']['magnitude-small'], jaccard['wikitext']['magnitude-large']):.3f}): Sparse "
+              "MeZO's small weights and SensZOQ's sensitive weights are different hypotheses.",
+              "- Timings were taken while other jobs shared the 2 cores (read them as upper bounds); the Fisher pass "
+              "is one forward+backward per 8 x 256-token micro-batch (16 of them for 32,768 WikiText-2 tokens)."]
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     _plot(runs, Path(f"{out}_mass.png"))
     print(json.dumps(result))

@@ -113,7 +113,7 @@ def test_update_follows_the_applied_bf16_perturbation():
     seen = []
 
     def loss():
-        seen.append(torch.cat([p.detach().reshape(-1)[i].float() for p, i in zip(params.params, params.indices)]))
+        seen.append(torch.cat([p.detach().reshape(-1)[i].float() for p, i in zip(params.storage, params.indices)]))
         return 0.0
 
     seed = step_seed(0, 0)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -133,7 +134,9 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: i
         pad_token_id=0,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model = LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():  # buffers (rotary frequencies) stay fp32, as from_pretrained keeps them
+        p.data = p.data.to(dtype)
     model.requires_grad_(False)
     return model
 
@@ -164,23 +167,43 @@ def eligible_parameters(
     return out
 
 
-def model_fingerprint(model: nn.Module) -> dict:
-    """Identify a model: parameter names and shapes, plus a hash of a few weight values.
+@dataclass
+class LogicalTensor:
+    """A weight by its checkpoint name, whether stored densely (``param``) or 4-bit (``module``)."""
 
-    Values are hashed after rounding to bfloat16 so that the same checkpoint loaded in fp32
-    or bf16 gives the same fingerprint.
+    shape: tuple[int, ...]
+    head: torch.Tensor  # its first (up to) 64 entries, for fingerprints
+    param: torch.Tensor | None = None
+    module: nn.Module | None = None
+
+
+def logical_tensors(model: nn.Module) -> dict[str, LogicalTensor]:
+    """Every weight of ``model`` under its checkpoint name; a quantized layer's weight included."""
+    from .quant.nf4 import NF4Linear
+
+    out = {name: LogicalTensor(tuple(p.shape), p.detach().reshape(-1)[:64], param=p) for name, p in model.named_parameters()}
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            out[f"{name}.weight"] = LogicalTensor((m.out_features, m.in_features), m.head, module=m)
+    return out
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """Identify a model: weight names and shapes, plus a hash of a few weight values.
+
+    Values are hashed after rounding to bfloat16, and quantized layers contribute the original
+    values they kept, so one checkpoint gives one fingerprint in fp32, bf16 or NF4.
     """
-    params = dict(model.named_parameters())
+    tensors = logical_tensors(model)
     h = hashlib.sha256()
-    names = sorted(params)
+    names = sorted(tensors)
     for name in names:
-        h.update(f"{name}:{tuple(params[name].shape)};".encode())
-    shapes_hash = h.hexdigest()[:16]
+        h.update(f"{name}:{tensors[name].shape};".encode())
     vh = hashlib.sha256()
     for name in names[:: max(1, len(names) // 8)]:
-        sample = params[name].detach().reshape(-1)[:64].to(torch.bfloat16).view(torch.int16)
-        vh.update(sample.cpu().numpy().tobytes())
-    return {"shapes": shapes_hash, "values": vh.hexdigest()[:16], "num_parameters": sum(p.numel() for p in params.values())}
+        vh.update(tensors[name].head.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return {"shapes": h.hexdigest()[:16], "values": vh.hexdigest()[:16], "num_parameters": sum(
+        int(torch.Size(t.shape).numel()) for t in tensors.values())}
 
 
 def check_fingerprint(expected: dict, model: nn.Module, what: str) -> None:

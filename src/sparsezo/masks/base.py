@@ -79,17 +79,35 @@ class Mask:
             indices[name] = idx
         return cls(indices, shapes, {k: v for k, v in meta.items() if k not in ("shapes", "full_tensors")})
 
-    def check_model(self, model: nn.Module, what: str = "mask") -> dict[str, nn.Parameter]:
-        """Return the model's parameters this mask selects from, or raise naming the mismatch."""
-        params = dict(model.named_parameters())
+    def check_model(self, model: nn.Module, what: str = "mask") -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Where each masked tensor's trainable entries live in ``model``, or an error naming the mismatch.
+
+        Returns name → (storage, flat indices into it, or None for all of it): the weight itself
+        for a dense layer, the exact-values vector of a 4-bit layer built for this mask.
+        """
+        from ..models import logical_tensors
+
+        tensors = logical_tensors(model)
         for name, shape in self.shapes.items():
-            if name not in params:
+            if name not in tensors:
                 raise SparseZOError(f"{what} names tensor {name}, which this model does not have; it was made for another model")
-            if tuple(params[name].shape) != shape:
-                raise SparseZOError(f"{what} expects {name} of shape {shape}, the model has {tuple(params[name].shape)}")
+            if tensors[name].shape != shape:
+                raise SparseZOError(f"{what} expects {name} of shape {shape}, the model has {tensors[name].shape}")
         if "fingerprint" in self.meta:
             check_fingerprint(self.meta["fingerprint"], model, what)
-        return {n: params[n] for n in self.shapes}
+        targets = {}
+        for name, idx in self.indices.items():
+            t = tensors[name]
+            if t.param is not None:
+                targets[name] = (t.param.data, idx)
+                continue
+            if idx is None or not torch.equal(t.module.idx, idx.to(t.module.idx.device)):
+                raise SparseZOError(
+                    f"the 4-bit layer {name} keeps exact values for another set of entries than this {what}; "
+                    "quantize the base with this mask (or use the mask the quantized model was built with)"
+                )
+            targets[name] = (t.module.values, None)
+        return targets
 
 
 @dataclass

@@ -24,25 +24,26 @@ class TrainableParams:
     """fp32 master θ plus the map from θ ranges to (tensor, flat indices)."""
 
     def __init__(self, model: nn.Module, mask: Mask):
-        params = mask.check_model(model)
-        dtypes = {p.dtype for p in params.values()}
+        targets = mask.check_model(model)
+        dtypes = {t.dtype for t, _ in targets.values()}
         if len(dtypes) != 1:
             raise SparseZOError(f"trainable tensors have mixed dtypes {sorted(map(str, dtypes))}; load the model in one dtype")
         self.dtype = dtypes.pop()
         self.mask = mask
-        self.names = list(params)
-        self.params = [params[n] for n in self.names]
-        self.indices = [mask.indices[n] for n in self.names]
-        self.indices = [None if i is None else i.to(p.device) for i, p in zip(self.indices, self.params)]
-        sizes = [p.numel() if i is None else i.numel() for p, i in zip(self.params, self.indices)]
+        self.names = list(targets)
+        # storage: the tensor holding each masked tensor's trainable entries (a dense weight, or a
+        # 4-bit layer's exact-values vector); indices: flat positions in it, None = all of it.
+        self.storage = [targets[n][0] for n in self.names]
+        self.indices = [None if i is None else i.to(t.device) for t, i in (targets[n] for n in self.names)]
+        sizes = [t.numel() if i is None else i.numel() for t, i in zip(self.storage, self.indices)]
         self.offsets = [0]
         for s in sizes:
             self.offsets.append(self.offsets[-1] + s)
-        device = self.params[0].device
+        device = self.storage[0].device
         self.theta = torch.empty(self.offsets[-1], dtype=torch.float32, device=device)
         with torch.no_grad():
-            for k, (p, i) in enumerate(zip(self.params, self.indices)):
-                flat = p.detach().reshape(-1)
+            for k, (t, i) in enumerate(zip(self.storage, self.indices)):
+                flat = t.reshape(-1)
                 self.theta[self.offsets[k] : self.offsets[k + 1]] = flat.float() if i is None else flat[i].float()
 
     @property
@@ -59,12 +60,12 @@ class TrainableParams:
         """Cast ``values`` (= new θ[start:start+len]) to the compute dtype and store them in the weights."""
         end = start + values.numel()
         values = values.to(self.dtype)
-        for k, (p, idx) in enumerate(zip(self.params, self.indices)):
+        for k, (t, idx) in enumerate(zip(self.storage, self.indices)):
             lo, hi = max(start, self.offsets[k]), min(end, self.offsets[k + 1])
             if lo >= hi:
                 continue
             a, b = lo - self.offsets[k], hi - self.offsets[k]
-            flat = p.data.view(-1)
+            flat = t.view(-1)
             if idx is None:
                 flat[a:b].copy_(values[lo - start : hi - start])
             else:
