@@ -126,3 +126,42 @@ def test_bad_shapes_and_incomplete_folders_fail_clearly(tmp_path):
     other = compute_mask(tiny_model(dtype=DT), "random", 0.05, seed=9)
     with pytest.raises(SparseZOError, match="another set of entries"):
         TrainableParams(model, other)
+
+
+def test_cli_quantized_train_eval_and_saved_base(tmp_path, capsys):
+    import json
+
+    from helpers import write_sst2
+    from safetensors import safe_open
+    from sparsezo.cli import main
+
+    model_dir, data = save_tiny_model(tmp_path / "m"), write_sst2(tmp_path / "d")
+    mask = tmp_path / "mask.safetensors"
+    common = ["--model", str(model_dir), "--data-dir", str(data), "--num-test", "24"]
+    assert main(["mask", "compute", "--model", str(model_dir), "--mask", "magnitude-large", "--density", "0.05",
+                 "--out", str(mask)]) == 0
+    capsys.readouterr()
+    train = ["train", *common, "--mask", str(mask), "--steps", "6", "--eval-every", "3", "--num-train", "32",
+             "--num-dev", "8", "--lr", "0.05", "--keep-last", "--json"]
+    assert main([*train, "--quant", "nf4", "--out", str(tmp_path / "run_q")]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert main(["eval", *common, "--quant", "nf4", "--delta", str(tmp_path / "run_q"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["value"] == trained["test_accuracy"]
+
+    assert main([*train, "--out", str(tmp_path / "run_dense")]) == 0  # same delta format without --quant
+    capsys.readouterr()
+    keys = []
+    for run in ("run_q", "run_dense"):
+        with safe_open(str(tmp_path / run / "delta.safetensors"), "pt") as f:
+            keys.append(sorted(f.keys()))
+    assert keys[0] == keys[1]
+
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", str(model_dir), "--mask", str(mask), "--out", str(q), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["quantized"] > 0 and (q / "sparsezo_quant.json").is_file()
+    assert main(["eval", *common, "--model", str(q), "--delta", str(tmp_path / "run_q"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["value"] == trained["test_accuracy"]
+    assert main(["train", *common, "--model", str(q), "--steps", "2", "--eval-every", "1", "--num-train", "16",
+                 "--num-dev", "8", "--out", str(tmp_path / "run_from_q"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_trainable"] == info["num_trainable"]

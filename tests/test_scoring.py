@@ -51,3 +51,15 @@ def test_long_prompts_are_cut_from_the_left():
     ex = Example(" ".join(["the"] * 50 + ["good"]), [" fun film"], 0)
     enc = encode(tok, [ex], max_length=10)[0]
     assert len(enc.prompt) + 2 == 10 and enc.prompt[-1] == tok.convert_tokens_to_ids("good")
+
+
+def test_acc_loss_is_one_minus_batch_accuracy():
+    from sparsezo.scoring import LOSSES, batch_loss
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    examples = EXAMPLES + [Example("a film was", [" good", " bad"], 1), Example("the", [" fun", " dull"], 0)]
+    batch = make_batch(encode(tok, examples), tok.pad_token_id)
+    preds = candidate_logprobs(model, batch).argmax(1).tolist()
+    right = sum(p == e.gold for p, e in zip(preds, examples))
+    assert "acc" in LOSSES and 0 < right < len(examples)  # a mixed batch, so the check means something
+    assert batch_loss(model, batch, "acc") == pytest.approx(1 - right / len(examples))

@@ -1,13 +1,14 @@
 """SuperGLUE task modules: templates on real rows, splits on the real files, small pools, bad data."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import write_jsonl, write_sst2
 
 from sparsezo.errors import SparseZOError
-from sparsezo.tasks import TASKS, get_task
+from sparsezo.tasks import TASKS, Example, get_task
 from sparsezo.tasks.base import read_jsonl
 
 SUPERGLUE = ["rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record"]
@@ -233,3 +234,104 @@ def test_multirc_flattens_passages_into_pairs(tmp_path):
     write_jsonl(tmp_path / "val.jsonl", [{"idx": 7, "passage": {"text": "t", "questions": [{"question": "q"}]}}])
     with pytest.raises(SparseZOError, match=r"multirc: passage idx=7 .*answers"):
         get_task("multirc", tmp_path).load_pools()
+
+
+# ----------------------------------------------------------------------------- registry, SQuAD, DROP, ICL
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_registry_names_are_the_command_line_names():
+    assert list(TASKS) == ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record", "squad", "drop",
+                           "custom"]
+    assert {n for n, t in TASKS.items() if t.kind == "generation"} == {"squad", "drop"}
+    with pytest.raises(SparseZOError, match=r"task rte takes no --template"):
+        get_task("rte", None, template="{x}")
+
+
+def test_squad_fixture_prompts_and_answers():
+    task = get_task("squad", FIXTURES / "squad")
+    train, test = task.load_pools()
+    assert len(train) == 5 and len(test) == 2
+    ex = task.format(test[0])
+    assert ex.prompt == ("Title: Glacier\nContext: A glacier forms where snow accumulates faster than it melts. Over "
+                         "centuries the snow is compressed into ice that flows slowly downhill under its own weight.\n"
+                         "Question: What is snow compressed into?\nAnswer:")
+    assert (ex.candidates, ex.gold, ex.answers) == ([" ice"], 0, ["ice", "ice that flows slowly downhill"])
+    assert task.format(train[0]).answers == ["the Romans"] and task.format(train[0]).meta == {"idx": "lh-1"}
+    splits = task.splits(seed=0, num_train=3, num_dev=2)
+    assert [len(splits[k]) for k in ("train", "dev", "test")] == [3, 2, 2]
+
+
+def test_drop_fixture_numbers_spans_and_dates():
+    task = get_task("drop", FIXTURES / "drop")
+    train, test = task.load_pools()
+    got = {r["idx"]: task.format(r) for r in train + test}
+    assert got["nfl_001_q1"].prompt == (
+        "Passage: The Bears opened the scoring with a 32-yard field goal. The Lions answered with two touchdowns, a "
+        "5-yard run and a 41-yard pass. Chicago kicked another field goal from 45 yards before halftime.\n"
+        "Question: How many field goals did the Bears kick?\nAnswer:")
+    assert got["nfl_001_q1"].answers == ["2"] and got["nfl_001_q1"].candidates == [" 2"]
+    assert got["nfl_001_q2"].answers == ["The Bears"]
+    assert got["hist_002_q1"].answers == ["14 March 1743"]
+    assert got["hist_002_q2"].answers == ["Sweden", "Russia"]  # each span is an acceptable answer (MeZO)
+    assert got["census_003_q1"].answers == ["250"]  # validated answers add alternatives, duplicates dropped
+    assert got["census_003_q2"].answers == ["2000"]
+
+
+def _write(path, text):
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("train.json", "dev.json"):
+        (path / name).write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name,text,match", [
+    ("squad", '{"data": [', r"is not valid JSON"),
+    ("squad", '{"version": "1.1"}', r"no top-level 'data' list"),
+    ("squad", '{"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"id": "1", "answers": []}]}]}]}',
+     r"squad: .*article 0 breaks the schema .*'question'"),
+    ("squad", '{"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"id": "q7", "question": "q?", '
+              '"answers": [{"text": " "}]}]}]}]}', r"squad: question idx=q7 has no non-empty gold answer"),
+    ("squad", '{"data": []}', r"holds no questions"),
+    ("drop", '{"p1": {"passage": "x", "qa_pairs": [{"query_id": "a", "question": "q"}]}}',
+     r"drop: .*passage 'p1' breaks the schema .*'answer'"),
+    ("drop", '{"p1": {"qa_pairs": []}}', r"holds no questions"),
+    ("drop", '[1, 2]', r"not an object of passages"),
+    ("drop", '{"p1": {"passage": "x", "qa_pairs": [{"query_id": "a", "question": "q", "answer": {"number": "", '
+             '"spans": [], "date": {"day": "", "month": "", "year": ""}}}]}}', r"drop: question idx=a has no non-empty"),
+])
+def test_squad_drop_bad_files(tmp_path, name, text, match):
+    task = get_task(name, _write(tmp_path / name, text))
+    with pytest.raises(SparseZOError, match=match) as err:
+        task.splits(seed=0, num_train=1, num_dev=1)
+    assert "\n" not in str(err.value)
+
+
+def test_squad_missing_files_name_the_path(tmp_path):
+    with pytest.raises(SparseZOError, match=r"squad/train\.json does not exist"):
+        get_task("squad", tmp_path / "squad").load_pools()
+
+
+def _demo_pool(n):
+    return [Example(f"p{i}", [" a", " b"], i % 2) for i in range(n)]
+
+
+def test_icl_demonstrations_are_seeded_shared_and_never_the_example_itself():
+    from sparsezo.tasks.icl import with_demonstrations
+
+    pool, test = _demo_pool(20), [Example(f"t{i}", [" a", " b"], 0) for i in range(5)]
+    out = with_demonstrations(test, pool, 3, seed=1)
+    heads = {ex.prompt.rsplit("\n\n", 1)[0] for ex in out}
+    assert len(heads) == 1  # the same demonstrations for every example of a call
+    demos = heads.pop().split("\n\n")
+    assert len(demos) == 3 and all(d in {p.prompt + p.candidates[p.gold] for p in pool} for d in demos)
+    assert [ex.prompt.rsplit("\n\n", 1)[1] for ex in out] == [t.prompt for t in test]
+    assert [(ex.candidates, ex.gold) for ex in out] == [(t.candidates, t.gold) for t in test]
+    assert with_demonstrations(test, pool, 3, seed=1) == out != with_demonstrations(test, pool, 3, seed=2)
+    assert with_demonstrations(test, pool, 0, seed=1) == test
+    # evaluated on the pool itself: each example gets k demonstrations, none of them itself
+    for ex, orig in zip(with_demonstrations(pool, pool, 3, seed=1), pool):
+        shown = ex.prompt.split("\n\n")[:-1]
+        assert len(shown) == 3 and orig.prompt + orig.candidates[orig.gold] not in shown
+    with pytest.raises(SparseZOError, match=r"--icl 20 needs 20 training examples"):
+        with_demonstrations(pool, pool, 20, seed=0)

@@ -75,5 +75,5 @@ def test_best_dev_theta_is_kept():
     model, tok, params, res = _run(steps=60, lr=3e-2)
     evals = [r for r in res.history if "dev_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 50, 60]
-    assert res.best_dev_accuracy == max(r["dev_accuracy"] for r in evals)
-    assert accuracy(model, tok, _examples(32, 2)) == res.best_dev_accuracy
+    assert res.best_dev == max(r["dev_accuracy"] for r in evals)
+    assert accuracy(model, tok, _examples(32, 2)) == res.best_dev

@@ -22,24 +22,45 @@ log = logging.getLogger("sparsezo")
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, quant: bool = True) -> None:
     p.add_argument("--model", default=None, help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="compute dtype of the frozen weights (bf16 is ~3x faster than fp32 on CPUs with avx512_bf16)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    if quant:
+        p.add_argument("--quant", default=None, choices=["nf4"],
+                       help="4-bit NF4 frozen base (bitsandbytes); the trainable entries stay exact in --dtype")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
 def _add_task_args(p: argparse.ArgumentParser, train: bool = True) -> None:
+    """Task and split options; ``train=False`` adds the eval command's --split/--icl/--max-new-tokens.
+
+    eval takes --num-train/--num-dev too: with the training run's values and seed it sees the
+    same dev split and draws ICL demonstrations from the same training split.
+    """
     from .tasks import TASKS
 
     p.add_argument("--task", default="sst2", help=f"task name: {', '.join(TASKS)}")
     p.add_argument("--data-dir", default=None, help="folder with the task's official files (default: shared assets)")
-    if train:
-        p.add_argument("--num-train", type=int, default=1000)
-        p.add_argument("--num-dev", type=int, default=500)
+    p.add_argument("--num-train", type=int, default=1000)
+    p.add_argument("--num-dev", type=int, default=500)
     p.add_argument("--num-test", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="seeds data sampling, masks and ZO noise")
+    g = p.add_argument_group("user task (--task custom)")
+    g.add_argument("--data", default=None, help="labelled examples: .jsonl, .csv or .tsv")
+    g.add_argument("--template", default=None, help='prompt with {field} placeholders, e.g. "{text} It was"')
+    g.add_argument("--labels", default=None,
+                   help='JSON label -> words map, e.g. \'{"pos": " great", "neg": " terrible"}\'')
+    g.add_argument("--label-field", default=None, help="column/key holding the label (default: label)")
+    g.add_argument("--test-data", default=None, help="test file (default: a fixed 20%% holdout of --data)")
+    g.add_argument("--task-file", default=None, help="JSON (or YAML) file with keys data, template, labels, "
+                                                      "label_field, test_data; flags override it")
+    if not train:
+        p.add_argument("--split", default="test", choices=["dev", "test"])
+        p.add_argument("--icl", type=int, default=0, metavar="K",
+                       help="prepend K seeded demonstrations from the training split (0: zero-shot)")
+        p.add_argument("--max-new-tokens", type=int, default=50, help="answer length limit of generation tasks")
 
 
 def _add_mask_args(p: argparse.ArgumentParser, default_rule: str = "sensitive") -> None:
@@ -73,8 +94,9 @@ def _add_zo_args(p: argparse.ArgumentParser, steps: int = 1000) -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--keep-last", action="store_true", help="keep the final θ instead of the best-dev one")
-    p.add_argument("--loss", default="ce", choices=["ce", "lm"],
-                   help="ce: cross-entropy over candidates; lm: NLL of the gold candidate")
+    p.add_argument("--loss", default="ce", choices=["ce", "lm", "acc"],
+                   help="ce: cross-entropy over candidates; lm: NLL of the gold candidate (generation tasks); "
+                        "acc: 1 - batch accuracy (non-differentiable, ZO optimises it directly)")
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -96,10 +118,19 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, args.dtype, args.device)
 
 
-def _splits(args: argparse.Namespace, train: bool = True):
+def _task(args: argparse.Namespace):
+    """The --task, configured by the user-task flags when they are given."""
     from .tasks import get_task
 
-    task = get_task(args.task, args.data_dir)
+    keys = ("data", "template", "labels", "label_field", "test_data", "task_file")
+    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return get_task(args.task, args.data_dir, **options)
+
+
+def _splits(args: argparse.Namespace, train: bool = True, task=None):
+    """train/dev/test examples of ``task`` (default: ``_task(args)``); ``train=False`` samples only the
+    test split (cheaper, no small-pool warning)."""
+    task = task or _task(args)
     if train:
         return task.splits(args.seed, args.num_train, args.num_dev, args.num_test)
     return task.splits(args.seed, 0, 0, args.num_test)
@@ -136,6 +167,49 @@ def _mask(args: argparse.Namespace, model, tok, train_split=None):
                         calib_tokens=args.calib_tokens, seq_len=args.seq_len)
 
 
+def _model_and_mask(args: argparse.Namespace, train_split=None):
+    """Model, tokenizer and mask for training, honouring --quant.
+
+    A mask file with --quant is applied while streaming the checkpoint (the full-precision model
+    never exists whole); a rule is computed on the full-precision model, which is then quantized
+    in place; a quantized folder brings its own mask.
+    """
+    from .masks import RULES, Mask
+    from .models import load_model
+    from .quant import quantize_model, quantized_mask
+
+    mask_file = args.mask not in RULES
+    if mask_file and not Path(args.mask).is_file():
+        raise SparseZOError(f"--mask {args.mask!r} is neither a mask file nor a rule ({', '.join(RULES)})")
+    streamed = Mask.load(args.mask) if mask_file and args.quant else None
+    model, tok = load_model(args.model, args.dtype, args.device, quant=args.quant, mask=streamed)
+    built_with = quantized_mask(model)
+    if built_with is None:  # full-precision model: load or compute the mask, then quantize if asked
+        mask = _mask(args, model, tok, train_split)
+        if args.quant:
+            quantize_model(model, mask)
+        return model, tok, mask
+    if mask_file:  # the file must be the mask the 4-bit layers keep exact (checked here)
+        mask = streamed or Mask.load(args.mask)
+        mask.check_model(model)
+        return model, tok, mask
+    log.info("using the mask the quantized model was built with (%s)", built_with.rule)
+    return model, tok, built_with
+
+
+def _eval_model(args: argparse.Namespace, deltas: list):
+    """The base model for ``eval``; with --quant, 4-bit around the deltas' mask (or with no exact entries)."""
+    from .models import load_model
+    from .quant import quantize_model
+
+    if not args.quant:
+        return _load(args)
+    if deltas:
+        return load_model(args.model, args.dtype, args.device, quant=args.quant, mask=deltas[0].mask)
+    model, tok = _load(args)
+    return quantize_model(model), tok
+
+
 def _zo_config(args: argparse.Namespace):
     from .train import TrainConfig
     from .zo import ZOConfig
@@ -157,8 +231,8 @@ def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
     from .io import atomic_dir, write_json
-    from .scoring import accuracy
     from .train import fine_tune, run_meta, save_delta
     from .zo import TrainableParams
 
@@ -168,15 +242,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     if out.exists():
         raise SparseZOError(f"output directory {out} already exists; choose another --out or remove it")
     splits = _splits(args)
-    model, tok = _load(args)
-    mask = _mask(args, model, tok, splits["train"])
+    model, tok, mask = _model_and_mask(args, splits["train"])
     params = TrainableParams(model, mask)
     log.info("training %d of %d eligible weights (%s)", mask.num_trainable, mask.num_eligible, mask.rule)
     with atomic_dir(out) as tmp:
-        result = fine_tune(model, tok, params, splits["train"], splits["dev"], cfg, tmp / "metrics.jsonl")
-        test_acc = accuracy(model, tok, splits["test"], cfg.eval_batch_size)
-        results = {"task": args.task, "test_accuracy": test_acc, "best_dev_accuracy": result.best_dev_accuracy,
-                   "best_step": result.best_step, "steps": result.steps, "seconds": round(result.seconds, 2),
+        task = _task(args)
+        result = fine_tune(model, tok, params, splits["train"], splits["dev"], cfg, tmp / "metrics.jsonl", task=task)
+        test = evaluate(model, tok, task, splits["test"], cfg.eval_batch_size)
+        metric = test["metric"]  # accuracy, or f1 (+ em) for generation tasks
+        results = {"task": args.task, "metric": metric,
+                   **{f"test_{k}": v for k, v in test.items() if k not in ("metric", "value", "n")},
+                   f"best_dev_{metric}": result.best_dev, "best_step": result.best_step,
+                   "steps": result.steps, "seconds": round(result.seconds, 2),
                    "num_trainable": mask.num_trainable, "n_test": len(splits["test"])}
         meta = run_meta(cfg, model=str(model.name_or_path), dtype=args.dtype, task=args.task, mask_rule=mask.rule,
                         density=mask.meta.get("density"), num_train=args.num_train, num_dev=args.num_dev,
@@ -184,30 +261,38 @@ def cmd_train(args: argparse.Namespace) -> None:
         save_delta(params, tmp / "delta.safetensors", meta)
         write_json(tmp / "config.json", meta)
     _emit(args, dict(results, out=str(out)),
-          f"{args.task}: test accuracy {test_acc:.4f} (best dev {result.best_dev_accuracy:.4f} at step "
+          f"{args.task}: test {metric} {test['value']:.4f} (best dev {result.best_dev:.4f} at step "
           f"{result.best_step}/{result.steps}, {result.seconds:.0f}s) -> {out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_delta
-    from .scoring import accuracy
+    from .evaluate import evaluate
+    from .tasks.icl import with_demonstrations
 
     _check_common(args)
+    if args.max_new_tokens <= 0:
+        raise SparseZOError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
     deltas = [load_delta(d) for d in args.delta]
-    split = _splits(args, train=False)["test"]
-    model, tok = _load(args)
+    task = _task(args)
+    splits = _splits(args, train=args.split == "dev" or args.icl > 0, task=task)
+    examples = with_demonstrations(splits[args.split], splits["train"], args.icl, args.seed)
+    model, tok = _eval_model(args, deltas)
     rows = []
     for name, delta in [(None, None)] if not deltas else zip(args.delta, deltas):
         applied = delta.apply(model) if delta is not None else None
-        acc = accuracy(model, tok, split, args.eval_batch_size)
-        rows.append({"task": args.task, "split": "test", "metric": "accuracy", "value": acc, "n": len(split), "delta": name})
+        res = evaluate(model, tok, task, examples, args.eval_batch_size, args.max_new_tokens)
+        rows.append({"task": args.task, "split": args.split, "icl": args.icl, **res, "delta": name})
         if applied is not None:
             applied.remove()  # the next delta starts from the base again
     if args.json:
         _emit(args, rows[0] if len(rows) == 1 else {"results": rows, **rows[0]}, "")
         return
-    lines = [f"{'task':8} {'split':6} {'n':>5} {'metric':9} {'value':>7}  delta"]
-    lines += [f"{r['task']:8} {r['split']:6} {r['n']:>5} {r['metric']:9} {r['value']:7.4f}  {r['delta'] or '-'}" for r in rows]
+    split = args.split + (f"/{args.icl}-shot" if args.icl else "")
+    w = max(6, len(split))
+    lines = [f"{'task':8} {'split':{w}} {'n':>5} {'metric':9} {'value':>7}  delta"]
+    lines += [f"{r['task']:8} {split:{w}} {r['n']:>5} {m:9} {r[m]:7.4f}  {r['delta'] or '-'}"
+              for r in rows for m in ("accuracy", "f1", "em") if m in r]
     _emit(args, {}, "\n".join(lines))
 
 
@@ -216,6 +301,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .assets import default_calibration_file
     from .masks.sensitive import read_texts
     from .models import load_model
+    from .quant import quantize_model
     from .scoring import accuracy
     from .tasks import get_task
     from .train import TrainConfig, fine_tune
@@ -224,11 +310,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     splits = get_task("sst2").splits(args.seed, 1000, args.num_dev, 1000)
     model, tok = load_model(args.model, args.dtype, args.device)
-    zero = accuracy(model, tok, splits["test"])
-    log.info("zero-shot test accuracy %.4f", zero)
     calib = default_calibration_file()
     mask = compute_mask(model, "sensitive", args.density, tokenizer=tok, texts=read_texts(calib), source=str(calib),
                         seed=args.seed, calib_tokens=args.calib_tokens)
+    if args.quant:
+        quantize_model(model, mask)
+    zero = accuracy(model, tok, splits["test"])
+    log.info("zero-shot test accuracy %.4f", zero)
     params = TrainableParams(model, mask)
     cfg = TrainConfig(steps=args.steps, eval_every=args.eval_every,
                       zo=ZOConfig(lr=args.lr, eps=args.eps, seed=args.seed))
@@ -237,9 +325,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t0
     obj = {"task": "sst2", "model": str(model.name_or_path), "zero_shot_accuracy": zero, "finetuned_accuracy": tuned,
            "steps": args.steps, "best_step": res.best_step, "lr": args.lr, "eps": args.eps, "density": args.density,
-           "num_trainable": mask.num_trainable, "n_test": len(splits["test"]), "seconds": round(seconds, 1)}
+           "num_trainable": mask.num_trainable, "n_test": len(splits["test"]), "quant": args.quant,
+           "seconds": round(seconds, 1)}
     _emit(args, obj, f"SST-2 test accuracy: zero-shot {zero:.1%} -> fine-tuned {tuned:.1%} "
                      f"({mask.num_trainable} sensitive weights, {args.steps} ZO steps, {seconds:.0f}s)")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .quant import save_quantized, weight_bytes
+
+    _check_common(args)
+    if Path(args.out).exists():
+        raise SparseZOError(f"--out {args.out} already exists; choose another path or remove it")
+    args.quant = args.quant or "nf4"
+    splits = _splits(args) if args.mask == "sensitive-task" else None
+    model, tok, mask = _model_and_mask(args, splits["train"] if splits else None)
+    save_quantized(model, tok, args.out, mask)
+    wb = weight_bytes(model)
+    _emit(args, dict(wb, out=args.out, num_trainable=mask.num_trainable, quant=args.quant),
+          f"{args.quant} model with {mask.num_trainable} exact trainable entries ({mask.rule}): "
+          f"{wb['total'] / 2**20:.1f} MiB of weights ({wb['quantized'] / 2**20:.1f} MiB 4-bit layers) -> {args.out}")
 
 
 def cmd_mask_compute(args: argparse.Namespace) -> None:
@@ -338,9 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("quantize", help="save a 4-bit base whose mask entries stay exact (reload with --model DIR)")
+    _add_model_args(p), _add_task_args(p), _add_mask_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_quantize)
+
     pm = sub.add_parser("mask", help="compute and inspect masks").add_subparsers(dest="mask_command", required=True)
     p = pm.add_parser("compute", help="compute a mask file")
-    _add_model_args(p), _add_task_args(p), _add_mask_args(p)
+    _add_model_args(p, quant=False), _add_task_args(p), _add_mask_args(p)
     p.add_argument("--out", required=True, help="output mask.safetensors")
     p.set_defaults(func=cmd_mask_compute)
     p = pm.add_parser("info", help="per-layer and per-module density of a mask file")
@@ -354,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mask_compare)
     p = pm.add_parser("mass", help="share of the total Fisher score held by the top d of weights")
-    _add_model_args(p), _add_task_args(p), _add_mask_args(p)
+    _add_model_args(p, quant=False), _add_task_args(p), _add_mask_args(p)
     p.set_defaults(func=cmd_mask_mass)
     return parser
 

@@ -93,20 +93,32 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
 
 
 def load_model(
-    path: str | os.PathLike | None = None, dtype: str = "bfloat16", device: str = "cpu"
+    path: str | os.PathLike | None = None, dtype: str = "bfloat16", device: str = "cpu",
+    quant: str | None = None, mask=None,
 ) -> tuple[nn.Module, object]:
     """Load a local causal LM and its tokenizer for forward-only training.
 
-    All parameters are frozen (``requires_grad=False``): ZO training never builds a graph.
+    ``quant="nf4"`` with a ``mask`` quantizes the mask's linears while streaming the checkpoint
+    (the full-precision model never exists whole); a folder written by ``save_quantized`` is
+    recognised and loaded as it is. All parameters are frozen: ZO never builds a graph.
     The tokenizer pads on the right; scoring passes explicit position ids, so either side works.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from . import quant as q
+
     if dtype not in DTYPES:
         raise SparseZOError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quant not in (None, *q.QUANT_TYPES):
+        raise SparseZOError(f"unknown --quant {quant!r}; choose one of {', '.join(q.QUANT_TYPES)}")
     folder = resolve_model_path(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+        if q.is_quantized_folder(folder):
+            model = q.load_quantized_folder(folder)
+        elif quant is not None and mask is not None:
+            model = q.load_quantized(folder, mask, DTYPES[dtype])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
         tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise SparseZOError(f"could not load the model at {folder}: {str(e).splitlines()[0]}") from e

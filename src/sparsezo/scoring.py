@@ -18,7 +18,7 @@ from torch import nn
 from .errors import SparseZOError
 from .tasks import Example
 
-LOSSES = ("ce", "lm")
+LOSSES = ("ce", "lm", "acc")
 
 
 @dataclass
@@ -121,11 +121,15 @@ def candidate_logprobs(model: nn.Module, batch: Batch, mean: bool = False) -> to
 
 
 def loss_from_scores(scores: torch.Tensor, batch: Batch, kind: str) -> float:
-    """Training loss: ``ce`` = cross-entropy over candidates; ``lm`` = NLL of the gold candidate."""
+    """Training loss: ``ce`` = cross-entropy over candidates; ``lm`` = NLL of the gold candidate;
+    ``acc`` = 1 − accuracy of the argmax candidate (not differentiable, but ZO only needs values).
+    """
     if kind == "ce":
         return F.cross_entropy(scores, batch.gold).item()
     if kind == "lm":
         return (-scores.gather(1, batch.gold[:, None])).mean().item()
+    if kind == "acc":
+        return 1.0 - (scores.argmax(1) == batch.gold).sum().item() / batch.gold.numel()
     raise SparseZOError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
 
 
@@ -160,4 +164,4 @@ def accuracy(model: nn.Module, tokenizer, examples: list[Example], batch_size: i
              progress=None) -> float:
     preds = predict(model, tokenizer, examples, batch_size, mean, progress)
     gold = torch.tensor([e.gold for e in examples])
-    return (preds == gold).float().mean().item()
+    return (preds == gold).sum().item() / len(examples)

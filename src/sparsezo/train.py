@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from .checkpoint import Delta
 from .errors import SparseZOError
-from .scoring import LOSSES, accuracy, batch_loss, encode, make_batch
-from .tasks import Example
+from .evaluate import evaluate as evaluate_split
+from .scoring import LOSSES, batch_loss, encode, make_batch
+from .tasks import Example, Task
 from .zo import StepRecord, TrainableParams, ZOConfig, ZOEngine
 
 
@@ -47,7 +48,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     best_step: int
-    best_dev_accuracy: float
+    best_dev: float  # best dev value of the task metric (accuracy, or F1 for generation tasks)
     history: list[dict[str, Any]]
     seconds: float
     steps: int
@@ -75,8 +76,12 @@ def fine_tune(
     cfg: TrainConfig,
     metrics_path: str | Path | None = None,
     progress: bool = True,
+    task: Task | None = None,
 ) -> TrainResult:
-    """Run ``cfg.steps`` ZO steps on ``train``; on return ``params`` hold the best-dev (or last) θ."""
+    """Run ``cfg.steps`` ZO steps on ``train``; on return ``params`` hold the best-dev (or last) θ.
+
+    Dev selection uses ``task``'s metric (F1 for generation tasks); ``None`` means accuracy.
+    """
     cfg.validate()
     if not train or not dev:
         raise SparseZOError("training needs non-empty train and dev splits; raise --num-train/--num-dev")
@@ -94,9 +99,9 @@ def fine_tune(
             metrics.flush()
 
     def evaluate(step: int) -> float:
-        acc = accuracy(model, tokenizer, dev, cfg.eval_batch_size)
-        log({"step": step, "dev_accuracy": acc})
-        return acc
+        res = evaluate_split(model, tokenizer, task, dev, cfg.eval_batch_size)
+        log({"step": step, f"dev_{res['metric']}": res["value"]})
+        return res["value"]
 
     t0 = time.perf_counter()
     best_acc, best_step, best_theta = evaluate(0), 0, params.theta.clone()

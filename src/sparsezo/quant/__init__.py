@@ -41,8 +41,17 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mask: Mask, nested: bool = True) -> nn.Module:
-    """Replace every linear the mask covers by an :class:`NF4Linear` keeping the masked entries exact."""
+def quantize_model(model: nn.Module, mask: Mask | None = None, nested: bool = True) -> nn.Module:
+    """Replace every linear the mask covers by an :class:`NF4Linear` keeping the masked entries exact.
+
+    Without a mask, every eligible linear is quantized with no exact entries (a plain 4-bit base).
+    """
+    if mask is None:
+        from ..models import eligible_parameters
+
+        params = eligible_parameters(model)
+        mask = Mask({n: torch.empty(0, dtype=torch.int64) for n in params}, {n: tuple(p.shape) for n, p in params.items()},
+                    {"rule": "none", "density": 0.0})
     if mask.is_full:
         raise SparseZOError("full ZO trains every weight, so nothing can be quantized; use a sparse mask with --quant")
     for wname, idx in mask.indices.items():
@@ -50,6 +59,7 @@ def quantize_model(model: nn.Module, mask: Mask, nested: bool = True) -> nn.Modu
         if not isinstance(lin, nn.Linear):
             raise SparseZOError(f"{wname} belongs to a {type(lin).__name__}, not a Linear layer; it cannot be quantized")
         _swap(model, _module_name(wname), NF4Linear.from_linear(lin.weight, lin.bias, idx, lin.weight.dtype, nested))
+    model.sparsezo_quant = {"mask": mask.meta}
     return model
 
 
@@ -127,6 +137,7 @@ def load_quantized(folder: str | os.PathLike, mask: Mask, dtype: torch.dtype = t
                 else:
                     _set_dense(model, key, t.to(dtype))
                 del t
+    model.sparsezo_quant = {"mask": mask.meta}
     return _finish(model, folder)
 
 
@@ -184,7 +195,18 @@ def load_quantized_folder(folder: str | os.PathLike) -> nn.Module:
                 getattr(module, pname).copy_(t)
             else:
                 _set_dense(model, key, t)
+    model.sparsezo_quant = record
     return _finish(model, folder)
+
+
+def quantized_mask(model: nn.Module) -> Mask | None:
+    """The mask a quantized model was built with (its 4-bit layers' exact entries), or None."""
+    layers = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    if not layers:
+        return None
+    record = getattr(model, "sparsezo_quant", {})
+    return Mask({n: m.idx.clone() for n, m in layers.items()},
+                {n: (m.out_features, m.in_features) for n, m in layers.items()}, dict(record.get("mask", {})))
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
@@ -205,4 +227,4 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
 
 
 __all__ = ["NF4Linear", "QUANT_TYPES", "is_quantized_folder", "load_quantized", "load_quantized_folder",
-           "quantize_model", "save_quantized", "weight_bytes"]
+           "quantize_model", "quantized_mask", "save_quantized", "weight_bytes"]

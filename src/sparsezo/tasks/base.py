@@ -25,22 +25,36 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Example:
-    """One formatted example: ``prompt`` followed by each candidate; ``gold`` indexes the right one."""
+    """One formatted example: ``prompt`` followed by each candidate; ``gold`` indexes the right one.
+
+    Generation tasks have a single candidate (the first gold answer, so LM-loss training works
+    unchanged) and list every acceptable answer in ``answers`` for EM/F1.
+    """
 
     prompt: str
     candidates: list[str]
     gold: int
     meta: dict[str, Any] = field(default_factory=dict)
+    answers: list[str] | None = None
 
 
 class Task:
-    """Base class: subclasses set ``name`` and implement ``load_pools`` and ``format``."""
+    """Base class: subclasses set ``name`` and implement ``load_pools`` and ``format``.
+
+    ``kind`` says how a task is evaluated: ``classification`` scores the candidates (accuracy),
+    ``generation`` decodes an answer greedily and compares it with ``Example.answers`` (F1/EM).
+    Only tasks that need settings beyond a data folder (``custom``) accept ``options``.
+    """
 
     name: str = ""
+    kind: str = "classification"
     metric: str = "accuracy"
     verbalizer: dict[Any, str] = {}  # label as stored in the data file → its candidate completion
 
-    def __init__(self, data_dir: str | Path | None = None):
+    def __init__(self, data_dir: str | Path | None = None, **options: Any):
+        if options:
+            flags = ", ".join("--" + k.replace("_", "-") for k in options)
+            raise SparseZOError(f"task {self.name} takes no {flags}; those options are for --task custom")
         self.data_dir = Path(data_dir) if data_dir else None
         self.split_sizes: dict[str, int] = {}  # what the last ``splits`` call actually returned
 
@@ -148,6 +162,19 @@ def read_jsonl(path: Path, required: list[str]) -> list[dict]:
     if not rows:
         raise SparseZOError(f"data file {path} is empty; expected one JSON object per line")
     return rows
+
+
+def read_json(path: Path) -> Any:
+    """The object of a single JSON file (SQuAD/DROP style), or a SparseZOError naming the file."""
+    if not path.is_file():
+        raise SparseZOError(f"data file {path} does not exist; check --data-dir or SPARSEZO_ASSETS")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise SparseZOError(f"data file {path} is not valid JSON ({e}); is it the official file, complete?") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise SparseZOError(f"cannot read data file {path}: {e}") from e
 
 
 def superglue_pools(root: Path, required: list[str]) -> tuple[list[dict], list[dict]]:

@@ -1,0 +1,37 @@
+"""One evaluation entry point for every task kind, used by ``train`` (dev selection) and ``eval``.
+
+Classification tasks score their candidates (accuracy); generation tasks decode an answer
+greedily and report token F1 (the main metric, as in MeZO) and exact match.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .errors import SparseZOError
+from .generation import generate
+from .metrics import accuracy, exact_match, f1_score
+from .scoring import predict
+from .tasks import Example, Task
+
+
+def evaluate(model: nn.Module, tokenizer, task: Task | None, examples: list[Example], batch_size: int = 32,
+             max_new_tokens: int = 50, progress=None) -> dict[str, Any]:
+    """``{"metric": name, "value": main metric, "n": examples, <each metric>: value}``.
+
+    ``task=None`` means classification (candidate accuracy), for callers without a Task.
+    """
+    if not examples:
+        raise SparseZOError("nothing to evaluate: the split is empty; raise --num-test/--num-dev")
+    if task is None or task.kind == "classification":
+        preds = predict(model, tokenizer, examples, batch_size, progress=progress).tolist()
+        acc = accuracy(preds, [e.gold for e in examples])
+        return {"metric": "accuracy", "value": acc, "n": len(examples), "accuracy": acc}
+    if any(not e.answers for e in examples):
+        raise SparseZOError(f"task {task.name}: generation examples need gold 'answers'")
+    answers = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size, progress=progress)
+    em = sum(exact_match(a, e.answers) for a, e in zip(answers, examples)) / len(examples)
+    f1 = sum(f1_score(a, e.answers) for a, e in zip(answers, examples)) / len(examples)
+    return {"metric": "f1", "value": f1, "n": len(examples), "f1": f1, "em": em}
