@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -52,12 +53,25 @@ def llama2_7b_account(density: float) -> dict:
             "bf16_total_gib": (eligible * 2 + dense) / 2**30}
 
 
+def load_peak_rss(kind: str, mask: str | None) -> int:
+    """Peak RSS of a fresh process that only loads the default model (bf16, or nf4 while streaming)."""
+    code = ("import json, sys, torch; from sparsezo.models import load_model; from sparsezo.masks import Mask; "
+            "from sparsezo.resources import peak_memory_bytes; "
+            f"m = Mask.load({mask!r}) if {kind == 'nf4'} else None; "
+            f"load_model(None, 'bfloat16', quant={'nf4' if kind == 'nf4' else None!r}, mask=m); "
+            "print(peak_memory_bytes())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mask", default=None, help="mask file (default: random 0.1%%)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
+    if args.mask:  # peak memory of loading alone, each in its own process
+        peaks = {kind: load_peak_rss(kind, args.mask) for kind in ("bf16", "nf4")}
 
     bf16, tok = load_model(None, "bfloat16")
     mask = Mask.load(args.mask) if args.mask else compute_mask(bf16, "random", 1e-3, seed=0)
@@ -84,6 +98,8 @@ def main() -> None:
         "step_ms_nf4": med(steps), "nf4_step_over_two_forwards": med(steps) / med(pairs),
         "peak_rss_bytes": peak_memory_bytes(), "llama2_7b_account": llama2_7b_account(1e-3),
     }
+    if args.mask:
+        out["load_only_peak_rss_bytes"] = peaks
     print(json.dumps(out))
     print(json.dumps(out, indent=2), file=sys.stderr)
 

@@ -122,9 +122,13 @@ def _task(args: argparse.Namespace):
     """The --task, configured by the user-task flags when they are given."""
     from .tasks import get_task
 
+    return get_task(args.task, args.data_dir, **_task_options(args))
+
+
+def _task_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The user-task flags that were given (recorded in a run's config.json too)."""
     keys = ("data", "template", "labels", "label_field", "test_data", "task_file")
-    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    return get_task(args.task, args.data_dir, **options)
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def _splits(args: argparse.Namespace, train: bool = True, task=None):
@@ -241,12 +245,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/{args.task}-{Path(args.mask).stem}-seed{args.seed}")
     if out.exists():
         raise SparseZOError(f"output directory {out} already exists; choose another --out or remove it")
-    splits = _splits(args)
+    task = _task(args)
+    splits = _splits(args, task=task)
     model, tok, mask = _model_and_mask(args, splits["train"])
     params = TrainableParams(model, mask)
     log.info("training %d of %d eligible weights (%s)", mask.num_trainable, mask.num_eligible, mask.rule)
     with atomic_dir(out) as tmp:
-        task = _task(args)
         result = fine_tune(model, tok, params, splits["train"], splits["dev"], cfg, tmp / "metrics.jsonl", task=task)
         test = evaluate(model, tok, task, splits["test"], cfg.eval_batch_size)
         metric = test["metric"]  # accuracy, or f1 (+ em) for generation tasks
@@ -255,7 +259,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                    f"best_dev_{metric}": result.best_dev, "best_step": result.best_step,
                    "steps": result.steps, "seconds": round(result.seconds, 2),
                    "num_trainable": mask.num_trainable, "n_test": len(splits["test"])}
-        meta = run_meta(cfg, model=str(model.name_or_path), dtype=args.dtype, task=args.task, mask_rule=mask.rule,
+        meta = run_meta(cfg, model=str(model.name_or_path), dtype=args.dtype, quant=args.quant, task=args.task,
+                        task_options=_task_options(args), data_dir=args.data_dir, mask_rule=mask.rule,
                         density=mask.meta.get("density"), num_train=args.num_train, num_dev=args.num_dev,
                         num_test=args.num_test, split_sizes={k: len(v) for k, v in splits.items()}, results=results)
         save_delta(params, tmp / "delta.safetensors", meta)
