@@ -156,3 +156,32 @@ def test_bad_mask_input(env, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sparsezo: error: "), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rule", ["random", "full"])
+def test_bench_reports_step_cost_and_mezo_baseline(env, capsys, rule):
+    args = ["bench", "--model", env["model"], "--mask", rule, "--density", "0.05", "--batch", "2", "--seq-len", "8",
+            "--steps", "2", "--baseline", "mezo", "--json"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    for r in (res, res["baseline"]):
+        for key in ("forward_ms", "step_ms", "step_over_two_forwards", "perturb_ms", "peak_memory_bytes", "tokens_per_s"):
+            assert r[key] > 0, key
+        assert r["step_over_two_forwards"] == pytest.approx(r["step_ms"] / (2 * r["forward_ms"]))
+    assert res["baseline"]["name"] == "mezo" and res["batch"] == 2 and res["seq_len"] == 8
+    assert main(args[:-3]) == 0
+    assert "sparsezo" in capsys.readouterr().out
+    assert main(["bench", "--model", env["model"], "--batch", "0"]) == 2
+
+
+def test_mezo_reference_restores_the_base_after_bench(env):
+    import torch
+
+    from sparsezo.bench import bench
+    from sparsezo.masks import compute_mask
+    from sparsezo.models import load_model
+
+    model, _ = load_model(env["model"], "float32")  # fp32: even a 1e-9 update would show
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bench(model, compute_mask(model, "full"), batch=2, seq_len=8, repeats=2, baseline="mezo")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -150,3 +150,21 @@ def test_optimizers_descend_a_quadratic(opt):
     for t in range(300):
         engine.step(t, lambda: model.loss().item())
     assert model.loss().item() < 0.7 * start
+
+
+@pytest.mark.parametrize("rule", ["full", "random"])
+def test_cached_noise_fast_path_is_bit_identical_to_regenerating(rule):
+    """Keeping z within a step (fast path) must not change a single bit of θ or the weights."""
+    results = []
+    for cache in (1 << 30, 0):
+        model = tiny_model(dtype=torch.bfloat16)
+        params = TrainableParams(model, compute_mask(model, rule, 0.1, seed=2))
+        engine = ZOEngine(params, ZOConfig(lr=1e-2, eps=1e-2, q=2, optimizer="adam"), 5, cache_bytes=cache)
+        assert engine.cache_z == bool(cache)
+        x = torch.arange(12).view(2, 6)
+        for t in range(3):
+            engine.step(t, lambda: model(input_ids=x).logits.float().pow(2).mean().item())
+        assert not engine._z  # nothing kept across steps
+        results.append((params.theta.clone(), {k: v.clone() for k, v in model.state_dict().items()}))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])

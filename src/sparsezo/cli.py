@@ -71,7 +71,7 @@ def _add_mask_args(p: argparse.ArgumentParser, default_rule: str = "sensitive") 
     p.add_argument("--scope", default="global", choices=["global", "per-tensor"])
     p.add_argument("--calib", default=None, help="calibration text/JSONL for sensitive (default: WikiText-2 from the assets)")
     p.add_argument("--calib-tokens", type=int, default=32768)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", dest="calib_seq_len", type=int, default=256, help="calibration sequence length")
     p.add_argument("--include", default=None, help="regex of parameter names that may be trained")
     p.add_argument("--exclude", default=None, help="regex of parameter names never trained")
 
@@ -101,7 +101,7 @@ def _add_zo_args(p: argparse.ArgumentParser, steps: int = 1000) -> None:
 
 def _check_common(args: argparse.Namespace) -> None:
     """Validate cheap arguments before loading anything."""
-    for name in ("num_train", "num_dev", "num_test", "steps", "calib_tokens", "seq_len"):
+    for name in ("num_train", "num_dev", "num_test", "steps", "calib_tokens", "calib_seq_len", "seq_len", "batch"):
         v = getattr(args, name, None)
         if v is not None and v <= 0:
             raise SparseZOError(f"--{name.replace('_', '-')} must be > 0, got {v}")
@@ -168,7 +168,7 @@ def _mask(args: argparse.Namespace, model, tok, train_split=None):
     texts, source = _calibration(args, train_split)
     return compute_mask(model, args.mask, args.density, scope=args.scope, seed=args.seed, tokenizer=tok, texts=texts,
                         source=source, include=args.include, exclude=args.exclude,
-                        calib_tokens=args.calib_tokens, seq_len=args.seq_len)
+                        calib_tokens=args.calib_tokens, seq_len=args.calib_seq_len)
 
 
 def _model_and_mask(args: argparse.Namespace, train_split=None):
@@ -352,6 +352,22 @@ def cmd_quantize(args: argparse.Namespace) -> None:
           f"{wb['total'] / 2**20:.1f} MiB of weights ({wb['quantized'] / 2**20:.1f} MiB 4-bit layers) -> {args.out}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import bench
+
+    _check_common(args)
+    model, _, mask = _model_and_mask(args)
+    res = bench(model, mask, args.batch, args.seq_len, args.steps, args.eps, args.dist, args.baseline)
+    res.update(model=str(model.name_or_path), mask=mask.rule, quant=args.quant)
+    rows = [("sparsezo", res)] + ([("mezo", res["baseline"])] if "baseline" in res else [])
+    lines = [f"{mask.rule} mask, {res['trainable']} trainable, batch {args.batch} x {args.seq_len} tokens, {res['device']}, "
+             f"{res['dtype']}{', ' + args.quant if args.quant else ''}",
+             f"{'':9} {'forward ms':>10} {'step ms':>9} {'step/2fwd':>9} {'perturb ms':>10} {'peak MiB':>9} {'tokens/s':>9}"]
+    lines += [f"{n:9} {r['forward_ms']:10.1f} {r['step_ms']:9.1f} {r['step_over_two_forwards']:9.3f} "
+              f"{r['perturb_ms']:10.2f} {r['peak_memory_bytes'] / 2**20:9.0f} {r['tokens_per_s']:9.0f}" for n, r in rows]
+    _emit(args, res, "\n".join(lines))
+
+
 def cmd_mask_compute(args: argparse.Namespace) -> None:
     from .resources import peak_memory_bytes
 
@@ -413,7 +429,7 @@ def cmd_mask_mass(args: argparse.Namespace) -> None:
     model, tok = _load(args)
     texts, source = _calibration(args, splits["train"] if splits else None)
     scores = sensitivity_scores(model, tok, texts, include=args.include, exclude=args.exclude,
-                                calib_tokens=args.calib_tokens, seq_len=args.seq_len)
+                                calib_tokens=args.calib_tokens, seq_len=args.calib_seq_len)
     mass = fisher_mass(scores)
     _emit(args, {"source": source, "mass": mass},
           "\n".join([f"{'density':>8} {'Fisher mass':>11}"] + [f"{d:>8} {m:11.4f}" for d, m in mass.items()]))
@@ -452,6 +468,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p), _add_task_args(p), _add_mask_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("bench", help="time a ZO step against two forward passes (JSON with --json)")
+    _add_model_args(p)
+    p.add_argument("--mask", default="random", help="a mask file or a rule that needs no data (random, magnitude-*, full)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--density", type=float, default=1e-3)
+    p.add_argument("--scope", default="global", choices=["global", "per-tensor"])
+    p.set_defaults(task=None, calib=None, calib_tokens=32768, calib_seq_len=256, include=None, exclude=None)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per row of the synthetic batch")
+    p.add_argument("--steps", type=int, default=10, help="measured steps (medians are reported)")
+    p.add_argument("--eps", type=float, default=1e-2)
+    p.add_argument("--dist", default="gaussian", choices=["gaussian", "rademacher"])
+    p.add_argument("--baseline", default=None, choices=["mezo"], help="also time MeZO's per-tensor loop, side by side")
+    p.set_defaults(func=cmd_bench)
 
     pm = sub.add_parser("mask", help="compute and inspect masks").add_subparsers(dest="mask_command", required=True)
     p = pm.add_parser("compute", help="compute a mask file")

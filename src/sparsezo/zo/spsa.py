@@ -77,17 +77,30 @@ class StepRecord:
 class ZOEngine:
     """Runs ZO steps on a trainable set; holds the optimiser state."""
 
-    def __init__(self, params: TrainableParams, cfg: ZOConfig, total_steps: int):
+    def __init__(self, params: TrainableParams, cfg: ZOConfig, total_steps: int, cache_bytes: int = 1 << 30):
         cfg.validate()
         self.params, self.cfg, self.total_steps = params, cfg, total_steps
         self.opt = OPTIMIZERS[cfg.optimizer](
             params.numel, params.theta.device, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2
         )
+        # Within a step z is needed three times (+ε, −ε, update). Keeping it costs 4 bytes per
+        # entry and query; below ``cache_bytes`` that is cheaper than generating it again
+        # (full ZO on CPU spends most of its overhead in the generator). Same values either way.
+        self.cache_z = 4 * params.numel * cfg.q <= cache_bytes
+        self._z: dict[tuple[int, int], torch.Tensor] = {}
+
+    def noise(self, seed: int, s: int, e: int) -> torch.Tensor:
+        """z[s:e] of ``seed``: from this step's cache, else generated (and cached if allowed)."""
+        z = self._z.get((seed, s))
+        if z is None:
+            z = sample(seed, s, e, self.cfg.dist, self.params.theta.device)
+            if self.cache_z:
+                self._z[(seed, s)] = z
+        return z
 
     def _perturb(self, seed: int, scale: float) -> None:
         for s, e in self.params.blocks():
-            z = sample(seed, s, e, self.cfg.dist, self.params.theta.device)
-            self.params.write(self.params.theta[s:e] + scale * z, s)
+            self.params.write(self.params.theta[s:e] + scale * self.noise(seed, s, e), s)
 
     def perturbed_losses(self, seed: int, loss_fn: Callable[[], float]) -> tuple[float, float]:
         """L(θ+εz) and L(θ−εz); the weights are left perturbed (call ``params.restore``)."""
@@ -99,7 +112,7 @@ class ZOEngine:
 
     def direction(self, seed: int, s: int, e: int) -> torch.Tensor:
         """The update direction of θ[s:e] for ``seed`` (see the module docstring)."""
-        z = sample(seed, s, e, self.cfg.dist, self.params.theta.device)
+        z = self.noise(seed, s, e)
         if self.cfg.direction == "sampled":
             return z
         theta, eps = self.params.theta[s:e], self.cfg.eps
@@ -113,6 +126,7 @@ class ZOEngine:
             for seed, g in zip(seeds, grads):
                 grad.add_(self.direction(seed, s, e), alpha=g / q)
             self.opt.update_(self.params.theta[s:e], grad, s, e, lr, step)
+        self._z.clear()
         self.params.restore()
 
     def step(self, step: int, loss_fn: Callable[[], float]) -> StepRecord:
@@ -122,6 +136,7 @@ class ZOEngine:
             seed = step_seed(self.cfg.seed, step, i)
             lp, lm = self.perturbed_losses(seed, loss_fn)
             if not (math.isfinite(lp) and math.isfinite(lm)):
+                self._z.clear()
                 self.params.restore()
                 raise SparseZOError(
                     f"loss became non-finite at step {step} (L+={lp}, L-={lm}); lower --lr or --eps and retry"
