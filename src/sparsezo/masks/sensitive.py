@@ -39,7 +39,7 @@ def fisher_scores(ctx: MaskContext) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
     scores = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in params.items()}
     was_training = model.training
-    model.train(False)
+    model.train(False)  # no dropout: the score must not depend on dropout noise
     for p in params.values():
         p.requires_grad_(True)
     t0 = time.perf_counter()
