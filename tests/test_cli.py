@@ -30,7 +30,8 @@ def test_train_then_eval_end_to_end(env, capsys):
     out = env["root"] / "run"
     assert main(_train_args(env, out, "--json")) == 0
     result = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "delta.safetensors", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "delta.safetensors", "mask.safetensors",
+                                                     "metrics.jsonl", "trajectory.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["zo"]["lr"] == 0.03 and config["train"]["steps"] == 20 and config["mask_rule"] == "random"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -234,38 +234,90 @@ def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- commands
+def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The settings of the run in ``args.resume`` (its config.json); other flags are refused."""
+    given = {k: v for k, v in vars(args).items() if k not in ("resume", "json", "verbose", "func")}
+    defaults = vars(build_parser().parse_args(["train"]))
+    changed = sorted(k for k, v in given.items() if defaults.get(k) != v)
+    if changed:
+        raise SparseZOError(f"--resume takes every setting from {args.resume}/config.json; drop "
+                            + ", ".join("--" + k.replace("_", "-") for k in changed))
+    run = Path(args.resume)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise SparseZOError(f"--resume {run}: no config.json there; is it a sparsezo run directory?")
+    if (run / "delta.safetensors").exists():
+        raise SparseZOError(f"--resume {run}: the run is already complete (delta.safetensors exists)")
+    saved = json.loads(cfg_path.read_text()).get("args")
+    if not saved:
+        raise SparseZOError(f"--resume {run}: config.json has no recorded arguments; the run cannot be resumed")
+    resumed = argparse.Namespace(**dict(defaults, **saved))
+    resumed.mask, resumed.out = str(run / "mask.safetensors"), str(run)  # never recompute the mask
+    resumed.resume, resumed.json, resumed.func = args.resume, args.json, args.func
+    return resumed
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    import shutil
+
+    from .checkpoint import load_checkpoint, remove_checkpoints
     from .evaluate import evaluate
     from .io import atomic_dir, write_json
-    from .train import fine_tune, run_meta, save_delta
+    from .train import fine_tune, run_meta, save_run
     from .zo import TrainableParams
 
+    if args.resume:
+        args = _resume_args(args)
     _check_common(args)
+    if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
+        raise SparseZOError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
     cfg = _zo_config(args)
     out = Path(args.out or f"runs/{args.task}-{Path(args.mask).stem}-seed{args.seed}")
-    if out.exists():
-        raise SparseZOError(f"output directory {out} already exists; choose another --out or remove it")
+    if out.exists() and not args.resume:
+        raise SparseZOError(f"output directory {out} already exists; choose another --out, remove it, "
+                            f"or continue it with --resume {out}")
     task = _task(args)
     splits = _splits(args, task=task)
     model, tok, mask = _model_and_mask(args, splits["train"])
     params = TrainableParams(model, mask)
     log.info("training %d of %d eligible weights (%s)", mask.num_trainable, mask.num_eligible, mask.rule)
-    with atomic_dir(out) as tmp:
-        result = fine_tune(model, tok, params, splits["train"], splits["dev"], cfg, tmp / "metrics.jsonl", task=task)
-        test = evaluate(model, tok, task, splits["test"], cfg.eval_batch_size)
-        metric = test["metric"]  # accuracy, or f1 (+ em) for generation tasks
-        results = {"task": args.task, "metric": metric,
-                   **{f"test_{k}": v for k, v in test.items() if k not in ("metric", "value", "n")},
-                   f"best_dev_{metric}": result.best_dev, "best_step": result.best_step,
-                   "steps": result.steps, "seconds": round(result.seconds, 2),
-                   "num_trainable": mask.num_trainable, "n_test": len(splits["test"])}
-        meta = run_meta(cfg, model=str(model.name_or_path), dtype=args.dtype, quant=args.quant, task=args.task,
-                        task_options=_task_options(args), data_dir=args.data_dir, mask_rule=mask.rule,
-                        density=mask.meta.get("density"), num_train=args.num_train, num_dev=args.num_dev,
-                        num_test=args.num_test, split_sizes={k: len(v) for k, v in splits.items()}, results=results)
-        save_delta(params, tmp / "delta.safetensors", meta)
-        write_json(tmp / "config.json", meta)
-    _emit(args, dict(results, out=str(out)),
+    meta = run_meta(cfg, model=str(model.name_or_path), dtype=args.dtype, quant=args.quant, task=args.task,
+                    task_options=_task_options(args), data_dir=args.data_dir, mask_rule=mask.rule,
+                    density=mask.meta.get("density"), num_train=args.num_train, num_dev=args.num_dev,
+                    num_test=args.num_test, split_sizes={k: len(v) for k, v in splits.items()})
+    state = None
+    if args.resume:
+        state = load_checkpoint(out)
+        log.info("resuming %s from step %d", out, state.step) if state else log.warning(
+            "no intact checkpoint in %s; starting it over", out)
+    else:  # the run directory exists from here on: config + mask first, checkpoints as training goes
+        saved_args = {k: v for k, v in vars(args).items() if k not in ("func", "json", "verbose", "resume")}
+        with atomic_dir(out) as tmp:
+            mask.save(tmp / "mask.safetensors")
+            write_json(tmp / "config.json", dict(meta, args=saved_args))
+    try:
+        result = fine_tune(model, tok, params, splits["train"], splits["dev"], cfg, out / "metrics.jsonl", task=task,
+                           run_dir=out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                           resume=state)
+    except BaseException:
+        if not args.resume and load_checkpoint(out) is None:
+            shutil.rmtree(out, ignore_errors=True)  # nothing worth resuming: leave nothing behind
+        else:
+            log.error("run directory %s kept; continue it with: sparsezo train --resume %s", out, out)
+        raise
+    test = evaluate(model, tok, task, splits["test"], cfg.eval_batch_size)
+    metric = test["metric"]  # accuracy, or f1 (+ em) for generation tasks
+    results = {"task": args.task, "metric": metric,
+               **{f"test_{k}": v for k, v in test.items() if k not in ("metric", "value", "n")},
+               f"best_dev_{metric}": result.best_dev, "best_step": result.best_step,
+               "steps": result.steps, "num_trainable": mask.num_trainable, "n_test": len(splits["test"])}
+    config = json.loads((out / "config.json").read_text())
+    config["results"] = dict(results, seconds=round(result.seconds, 2))
+    if args.resume:
+        config["resumed"] = config.get("resumed", 0) + 1
+    save_run(out, params, result.trajectory, cfg.zo, dict(meta, results=results), config)
+    remove_checkpoints(out)
+    _emit(args, dict(results, seconds=round(result.seconds, 2), out=str(out)),
           f"{args.task}: test {metric} {test['value']:.4f} (best dev {result.best_dev:.4f} at step "
           f"{result.best_step}/{result.steps}, {result.seconds:.0f}s) -> {out}")
 
@@ -309,9 +361,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .quant import quantize_model
     from .scoring import accuracy
     from .tasks import get_task
-    from .train import TrainConfig, fine_tune
+    from .io import atomic_dir
+    from .train import TrainConfig, fine_tune, run_meta, save_run
     from .zo import TrainableParams, ZOConfig
 
+    if args.out and Path(args.out).exists():
+        raise SparseZOError(f"--out {args.out} already exists; choose another path or remove it")
     t0 = time.perf_counter()
     splits = get_task("sst2").splits(args.seed, 1000, args.num_dev, 1000)
     model, tok = load_model(args.model, args.dtype, args.device)
@@ -332,8 +387,100 @@ def cmd_demo(args: argparse.Namespace) -> None:
            "steps": args.steps, "best_step": res.best_step, "lr": args.lr, "eps": args.eps, "density": args.density,
            "num_trainable": mask.num_trainable, "n_test": len(splits["test"]), "quant": args.quant,
            "seconds": round(seconds, 1)}
+    if args.out:  # a run directory like train's: mask, trajectory, delta, config
+        meta = run_meta(cfg, model=str(model.name_or_path), dtype=args.dtype, quant=args.quant, task="sst2",
+                        mask_rule=mask.rule, density=args.density,
+                        results={"task": "sst2", "metric": "accuracy", "test_accuracy": tuned,
+                                 "zero_shot_accuracy": zero, "best_step": res.best_step, "steps": args.steps})
+        with atomic_dir(args.out) as tmp:
+            mask.save(tmp / "mask.safetensors")
+            save_run(tmp, params, res.trajectory, cfg.zo, meta, dict(meta, results=dict(meta["results"], seconds=obj["seconds"])))
+        obj["out"] = args.out
     _emit(args, obj, f"SST-2 test accuracy: zero-shot {zero:.1%} -> fine-tuned {tuned:.1%} "
                      f"({mask.num_trainable} sensitive weights, {args.steps} ZO steps, {seconds:.0f}s)")
+
+
+def _delta_base(args: argparse.Namespace, delta):
+    """The base model a delta was trained on (its recorded path, dtype and quantization unless overridden)."""
+    from .models import load_model
+
+    dtype = args.dtype or delta.meta.get("dtype", "bfloat16")
+    model = args.model or delta.meta.get("model")
+    if model is not None and not (Path(model) / "config.json").is_file():
+        raise SparseZOError(f"base model {model} is not a Hugging Face model folder (no config.json); pass --model DIR")
+    quant = delta.meta.get("quant")
+    return load_model(model, dtype, args.device, quant=quant, mask=delta.mask if quant else None)
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    from .checkpoint import Delta
+    from .masks import Mask
+    from .replay import replayed_delta, run_files
+    from .zo import Trajectory
+
+    if Path(args.out).exists():
+        raise SparseZOError(f"--out {args.out} already exists; choose another path or remove it")
+    mask_path, traj_path = run_files(args.run_dir, args.mask, args.trajectory)
+    mask, traj = Mask.load(mask_path), Trajectory.load(traj_path)
+    info = Delta(mask, {}, traj.meta.get("delta_meta", {}))
+    if args.dtype is None:
+        args.dtype = traj.meta.get("dtype")
+    model, _ = _delta_base(args, info)
+    t0 = time.perf_counter()
+    delta = replayed_delta(model, mask, traj)
+    seconds = time.perf_counter() - t0
+    out = Path(args.out)
+    out = out / "delta.safetensors" if out.suffix != ".safetensors" else out
+    delta.save(out)
+    steps = traj.meta.get("best_step", len(traj))
+    _emit(args, {"out": str(out), "steps": steps, "seconds": round(seconds, 3), "trajectory_bytes": traj_path.stat().st_size},
+          f"replayed {steps} steps of {traj_path} in {seconds:.2f}s -> {out}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from .checkpoint import load_delta
+    from .export import save_merged
+
+    if Path(args.out).exists():
+        raise SparseZOError(f"--out {args.out} already exists; choose another path or remove it")
+    delta = load_delta(args.delta)
+    model, tok = _delta_base(args, delta)
+    delta.apply(model)
+    save_merged(model, tok, args.out)
+    _emit(args, {"out": args.out, "num_trained": delta.mask.num_trainable, "quant_base": delta.meta.get("quant")},
+          f"merged {delta.mask.num_trainable} trained weights into {model.name_or_path}"
+          f"{' (dequantized 4-bit base)' if delta.meta.get('quant') else ''} -> {args.out}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .models import checkpoint_bytes
+
+    run = Path(args.run_dir)
+    if not (run / "config.json").is_file():
+        raise SparseZOError(f"{run} is not a sparsezo run directory (no config.json)")
+    config = json.loads((run / "config.json").read_text())
+    files = {name: run / f"{name}.safetensors" for name in ("trajectory", "delta", "mask")}
+    sizes = {f"{k}_bytes": p.stat().st_size for k, p in files.items() if p.is_file()}
+    dtype = config.get("dtype", "bfloat16")
+    try:
+        sizes["full_model_bytes"] = checkpoint_bytes(config.get("model"), dtype)
+    except SparseZOError as e:
+        log.warning("full model size unknown: %s", e)
+    obj = {"run_dir": str(run), "task": config.get("task"), "mask_rule": config.get("mask_rule"), "dtype": dtype,
+           "steps": config.get("train", {}).get("steps"), "results": config.get("results"), **sizes,
+           "complete": (run / "delta.safetensors").is_file()}
+    lines = [f"{run}: {obj['task']}, {obj['mask_rule']} mask, {obj['steps']} steps"
+             f"{'' if obj['complete'] else ' (incomplete: resume with sparsezo train --resume ' + str(run) + ')'}"]
+    lines += [f"  {k[:-6]:>11}: {_human(v):>10}  ({v} bytes)" for k, v in sizes.items()]
+    _emit(args, obj, "\n".join(lines))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -444,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="ZO fine-tune on a task; writes delta.safetensors, config.json, metrics.jsonl")
     _add_model_args(p), _add_task_args(p), _add_mask_args(p), _add_zo_args(p)
     p.add_argument("--out", default=None, help="run directory (default runs/TASK-MASK-seedN); must not exist")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between crash-safe checkpoints (0: none)")
+    p.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept while training")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its newest intact checkpoint (all settings from RUN_DIR)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy of the base model, or base + --delta")
@@ -462,12 +613,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-dev", type=int, default=200)
     p.add_argument("--calib-tokens", type=int, default=8192, help="WikiText-2 tokens for the Fisher scores")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also save the run (mask, trajectory, delta, config) in this folder")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("quantize", help="save a 4-bit base whose mask entries stay exact (reload with --model DIR)")
     _add_model_args(p), _add_task_args(p), _add_mask_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("replay", help="rebuild a run's delta from its seed trajectory (no data, no forwards)")
+    p.add_argument("run_dir", nargs="?", default=None, help="run directory with mask.safetensors and trajectory.safetensors")
+    p.add_argument("--out", required=True, help="output delta.safetensors (or a folder for it)")
+    p.add_argument("--mask", default=None, help="mask file (default: RUN_DIR/mask.safetensors)")
+    p.add_argument("--trajectory", default=None, help="trajectory file (default: RUN_DIR/trajectory.safetensors)")
+    p.add_argument("--model", default=None, help="base model folder (default: the one the run recorded)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: the run's")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("merge", help="write base + delta as a plain Hugging Face model folder")
+    p.add_argument("--delta", required=True, help="run directory or delta.safetensors")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--model", default=None, help="base model folder (default: the one the run recorded)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: the run's")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("info", help="sizes of a run's files: trajectory, delta, mask, full model")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="time a ZO step against two forward passes (JSON with --json)")
     _add_model_args(p)

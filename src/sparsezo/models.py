@@ -130,6 +130,22 @@ def load_model(
     return model, tok
 
 
+def checkpoint_bytes(path: str | os.PathLike | None, dtype: str = "bfloat16") -> int:
+    """Bytes of a model folder's weights held in ``dtype`` (from the safetensors headers; nothing loaded)."""
+    from safetensors import safe_open
+
+    folder = resolve_model_path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SparseZOError(f"no *.safetensors weights in {folder}")
+    numel = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                numel += int(torch.Size(st.get_slice(k).get_shape()).numel())
+    return numel * DTYPES[dtype].itemsize
+
+
 def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2, dtype=torch.float32):
     """A randomly initialised miniature Llama for tests and examples (no files, no network)."""
     from transformers import LlamaConfig, LlamaForCausalLM

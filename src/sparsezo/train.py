@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import Delta
+from .checkpoint import Delta, TrainState, save_checkpoint
 from .errors import SparseZOError
+from .io import write_json
 from .evaluate import evaluate as evaluate_split
 from .scoring import LOSSES, batch_loss, encode, make_batch
 from .tasks import Example, Task
-from .zo import StepRecord, TrainableParams, ZOConfig, ZOEngine
+from .zo import StepRecord, TrainableParams, Trajectory, ZOConfig, ZOEngine
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     seconds: float
     steps: int
+    trajectory: Trajectory
 
 
 def batch_indices(seed: int, step: int, n: int, batch_size: int) -> list[int]:
@@ -77,10 +79,17 @@ def fine_tune(
     metrics_path: str | Path | None = None,
     progress: bool = True,
     task: Task | None = None,
+    run_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    keep_checkpoints: int = 1,
+    resume: TrainState | None = None,
 ) -> TrainResult:
     """Run ``cfg.steps`` ZO steps on ``train``; on return ``params`` hold the best-dev (or last) θ.
 
     Dev selection uses ``task``'s metric (F1 for generation tasks); ``None`` means accuracy.
+    With ``run_dir`` and ``checkpoint_every``, a checkpoint is written every that many steps and
+    after the last one; ``resume`` continues from one, giving bit-identical results to a run
+    that was never interrupted (batches and noise depend only on (seed, step)).
     """
     cfg.validate()
     if not train or not dev:
@@ -89,8 +98,10 @@ def fine_tune(
     device = params.theta.device
     encoded = encode(tokenizer, train)
     pad = tokenizer.pad_token_id
+    history: list[dict[str, Any]] = list(resume.history) if resume else []
+    if metrics_path:  # rewritten from the checkpoint's history on resume: no rows from after it
+        Path(metrics_path).write_text("".join(json.dumps(r) + "\n" for r in history))
     metrics = open(metrics_path, "a") if metrics_path else None
-    history: list[dict[str, Any]] = []
 
     def log(row: dict[str, Any]) -> None:
         history.append(row)
@@ -104,19 +115,34 @@ def fine_tune(
         return res["value"]
 
     t0 = time.perf_counter()
-    best_acc, best_step, best_theta = evaluate(0), 0, params.theta.clone()
-    bar = tqdm(range(cfg.steps), desc="zo", unit="step", disable=not progress, dynamic_ncols=True)
+    if resume:
+        params.theta.copy_(resume.theta)
+        params.restore()
+        for k, v in resume.opt_state.items():
+            engine.opt.state[k].copy_(v)
+        best_acc, best_step, best_theta = resume.best_value, resume.best_step, resume.best_theta.clone()
+        trajectory, start, t0 = resume.trajectory, resume.step, t0 - resume.seconds
+    else:
+        best_acc, best_step, best_theta = evaluate(0), 0, params.theta.clone()
+        trajectory, start = Trajectory(), 0
+    bar = tqdm(range(start, cfg.steps), desc="zo", unit="step", disable=not progress, dynamic_ncols=True,
+               initial=start, total=cfg.steps)
     running = None
     try:
         for step in bar:
             b = make_batch([encoded[i] for i in batch_indices(cfg.zo.seed, step, len(encoded), cfg.batch_size)], pad, device=device)
             rec: StepRecord = engine.step(step, lambda: batch_loss(model, b, cfg.loss))
+            trajectory.append(rec)
             running = rec.loss if running is None else 0.95 * running + 0.05 * rec.loss
             log({"step": step + 1, "loss": rec.loss, "grad": rec.grads, "seed": rec.seeds, "lr": rec.lr})
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 acc = evaluate(step + 1)
                 if acc > best_acc or not cfg.keep_best:
                     best_acc, best_step, best_theta = acc, step + 1, params.theta.clone()
+            if run_dir and checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
+                save_checkpoint(run_dir, TrainState(step + 1, params.theta, engine.opt.state, best_acc, best_step,
+                                                    best_theta, trajectory, history, time.perf_counter() - t0),
+                                keep=keep_checkpoints)
             bar.set_postfix(loss=f"{running:.4f}", dev=f"{best_acc:.3f}")
     finally:
         bar.close()
@@ -124,7 +150,7 @@ def fine_tune(
             metrics.close()
     params.theta.copy_(best_theta)
     params.restore()
-    return TrainResult(best_step, best_acc, history, time.perf_counter() - t0, cfg.steps)
+    return TrainResult(best_step, best_acc, history, time.perf_counter() - t0, cfg.steps, trajectory)
 
 
 def run_meta(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
@@ -136,3 +162,25 @@ def save_delta(params: TrainableParams, path: str | Path, meta: dict[str, Any]) 
     delta = Delta.from_params(params, meta)
     delta.save(path)
     return delta
+
+
+def trajectory_meta(params: TrainableParams, cfg: ZOConfig, best_step: int, delta_meta: dict[str, Any]) -> dict[str, Any]:
+    """What replay needs beside the steps: the update rule, which θ it applies to, where to stop,
+    and the delta's header (so the replayed file is byte-identical to the trained one)."""
+    return {"zo": asdict(cfg), "dtype": str(params.dtype).removeprefix("torch."), "mask_digest": params.mask.digest(),
+            "fingerprint": params.mask.meta.get("fingerprint"), "best_step": best_step, "delta_meta": delta_meta}
+
+
+def save_run(out: str | Path, params: TrainableParams, trajectory: Trajectory, zo: ZOConfig,
+             delta_meta: dict[str, Any], config: dict[str, Any]) -> None:
+    """The final files of a run, each atomic; ``delta.safetensors`` last, as it marks the run complete.
+
+    ``params`` must hold the selected (best-dev) θ; ``delta_meta`` must not hold timings, so a
+    resumed or replayed run writes the same bytes.
+    """
+    out = Path(out)
+    trajectory.meta = trajectory_meta(params, zo, delta_meta["results"]["best_step"], delta_meta)
+    trajectory.save(out / "trajectory.safetensors")
+    write_json(out / "config.json", config)
+    save_delta(params, out / "delta.safetensors", delta_meta)
+

@@ -9,6 +9,7 @@ model fingerprint, shapes).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,14 @@ class Mask:
     def is_full(self) -> bool:
         return all(i is None for i in self.indices.values())
 
+    def digest(self) -> str:
+        """A hash of the selected entries (names, shapes, indices): which weights train, nothing else."""
+        h = hashlib.sha256()
+        for name, idx in self.indices.items():
+            h.update(f"{name}:{list(self.shapes[name])}:".encode())
+            h.update(b"all" if idx is None else idx.to(torch.int64).cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def save(self, path: str | os.PathLike) -> None:
         """Write ``mask.safetensors`` atomically (int32 indices when they fit)."""
         tensors = {}
@@ -77,7 +86,7 @@ class Mask:
             if idx.numel() and (idx[0] < 0 or idx[-1] >= numel(shapes[name]) or (idx[1:] <= idx[:-1]).any()):
                 raise SparseZOError(f"mask file {path}: indices of {name} are out of range or unsorted; re-create it")
             indices[name] = idx
-        return cls(indices, shapes, {k: v for k, v in meta.items() if k not in ("shapes", "full_tensors")})
+        return cls(indices, shapes, {k: v for k, v in meta.items() if k not in ("shapes", "full_tensors", "format")})
 
     def check_model(self, model: nn.Module, what: str = "mask") -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """Where each masked tensor's trainable entries live in ``model``, or an error naming the mismatch.

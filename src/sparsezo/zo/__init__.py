@@ -4,5 +4,6 @@ from .noise import sample, step_seed
 from .optim import OPTIMIZERS, lr_at
 from .spsa import StepRecord, ZOConfig, ZOEngine
 from .trainable import TrainableParams
+from .trajectory import Trajectory
 
-__all__ = ["OPTIMIZERS", "StepRecord", "TrainableParams", "ZOConfig", "ZOEngine", "lr_at", "sample", "step_seed"]
+__all__ = ["OPTIMIZERS", "StepRecord", "TrainableParams", "Trajectory", "ZOConfig", "ZOEngine", "lr_at", "sample", "step_seed"]
