@@ -206,13 +206,20 @@ class LogicalTensor:
 
 
 def logical_tensors(model: nn.Module) -> dict[str, LogicalTensor]:
-    """Every weight of ``model`` under its checkpoint name; a quantized layer's weight included."""
+    """Every weight of ``model`` under its checkpoint name, in model order; a quantized layer's weight
+    takes the place its dense weight had, so a model has one order whether quantized or not."""
     from .quant.nf4 import NF4Linear
 
-    out = {name: LogicalTensor(tuple(p.shape), p.detach().reshape(-1)[:64], param=p) for name, p in model.named_parameters()}
-    for name, m in model.named_modules():
+    out: dict[str, LogicalTensor] = {}
+    seen: set[int] = set()
+    for mname, m in model.named_modules():
+        prefix = f"{mname}." if mname else ""
         if isinstance(m, NF4Linear):
-            out[f"{name}.weight"] = LogicalTensor((m.out_features, m.in_features), m.head, module=m)
+            out[f"{prefix}weight"] = LogicalTensor((m.out_features, m.in_features), m.head, module=m)
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) not in seen:  # tied weights count once, under their first name (as named_parameters)
+                seen.add(id(p))
+                out[prefix + pname] = LogicalTensor(tuple(p.shape), p.detach().reshape(-1)[:64], param=p)
     return out
 
 

@@ -52,7 +52,8 @@ class Mask:
     def digest(self) -> str:
         """A hash of the selected entries (names, shapes, indices): which weights train, nothing else."""
         h = hashlib.sha256()
-        for name, idx in self.indices.items():
+        for name in sorted(self.indices):  # file order (sorted) and model order hash alike
+            idx = self.indices[name]
             h.update(f"{name}:{list(self.shapes[name])}:".encode())
             h.update(b"all" if idx is None else idx.to(torch.int64).cpu().numpy().tobytes())
         return h.hexdigest()[:16]
@@ -105,8 +106,8 @@ class Mask:
         if "fingerprint" in self.meta:
             check_fingerprint(self.meta["fingerprint"], model, what)
         targets = {}
-        for name, idx in self.indices.items():
-            t = tensors[name]
+        for name in [n for n in tensors if n in self.indices]:  # model order, however the mask was obtained
+            idx, t = self.indices[name], tensors[name]
             if t.param is not None:
                 targets[name] = (t.param.data, idx)
                 continue

@@ -30,6 +30,9 @@ class TrainableParams:
             raise SparseZOError(f"trainable tensors have mixed dtypes {sorted(map(str, dtypes))}; load the model in one dtype")
         self.dtype = dtypes.pop()
         self.mask = mask
+        # θ follows model order (check_model's), the same for a mask computed on the model, read back
+        # from its file (JSON headers sort keys) or built into a 4-bit model, so checkpoints,
+        # trajectories and noise positions never depend on how the mask was obtained.
         self.names = list(targets)
         # storage: the tensor holding each masked tensor's trainable entries (a dense weight, or a
         # 4-bit layer's exact-values vector); indices: flat positions in it, None = all of it.
