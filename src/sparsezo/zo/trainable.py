@@ -8,6 +8,7 @@ entries outside the mask are never read or written.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 
 import torch
@@ -62,17 +63,20 @@ class TrainableParams:
     def write(self, values: torch.Tensor, start: int = 0) -> None:
         """Cast ``values`` (= new θ[start:start+len]) to the compute dtype and store them in the weights."""
         end = start + values.numel()
-        values = values.to(self.dtype)
-        for k, (t, idx) in enumerate(zip(self.storage, self.indices)):
+        first = bisect.bisect_right(self.offsets, start) - 1  # tensors overlapping [start, end) only
+        for k in range(max(first, 0), len(self.storage)):
+            if self.offsets[k] >= end:
+                break
+            t, idx = self.storage[k], self.indices[k]
             lo, hi = max(start, self.offsets[k]), min(end, self.offsets[k + 1])
             if lo >= hi:
                 continue
             a, b = lo - self.offsets[k], hi - self.offsets[k]
             flat = t.view(-1)
-            if idx is None:
+            if idx is None:  # copy_ casts on the fly: one pass, no compute-dtype temporary
                 flat[a:b].copy_(values[lo - start : hi - start])
             else:
-                flat.index_copy_(0, idx[a:b], values[lo - start : hi - start])
+                flat.index_copy_(0, idx[a:b], values[lo - start : hi - start].to(self.dtype))
 
     def restore(self) -> None:
         """Write the unperturbed θ back: weights become exactly cast(θ) again."""
