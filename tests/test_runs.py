@@ -197,3 +197,19 @@ def test_theta_layout_is_the_same_for_a_computed_and_a_loaded_mask(tmp_path):
     assert list(loaded.indices) != list(mask.indices)  # the file lists tensors in another (sorted) order
     a, b = TrainableParams(model, mask), TrainableParams(model, loaded)
     assert a.names == b.names and torch.equal(a.theta, b.theta) and mask.digest() == loaded.digest()
+
+
+def test_replayed_delta_leaves_the_base_model_untouched(env, capsys):
+    from sparsezo.masks import Mask
+    from sparsezo.models import load_model
+    from sparsezo.replay import replayed_delta
+
+    run = env["root"] / "api-replay"
+    assert main(_train(env, run, "--keep-last", steps=6)) == 0
+    capsys.readouterr()
+    model, _ = load_model(env["model"], "float32")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    delta = replayed_delta(model, Mask.load(run / "mask.safetensors"), Trajectory.load(run / "trajectory.safetensors"))
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(delta.values[n], v) for n, v in load_delta(run).values.items())
+    delta.apply(model).remove()  # the base still passes the fingerprint check

@@ -46,6 +46,13 @@ def run_files(run_dir: str | os.PathLike | None, mask: str | None, trajectory: s
 
 
 def replayed_delta(model, mask: Mask, trajectory: Trajectory) -> Delta:
-    """The delta the trajectory's run saved, rebuilt (same values, same header, same bytes)."""
+    """The delta the trajectory's run saved, rebuilt (same values, same header, same bytes).
+
+    ``model`` is handed back as it came (the base), so the delta can then be applied to it.
+    """
+    base = TrainableParams(model, mask).theta.clone()
     params = replay_params(model, mask, trajectory)
-    return Delta.from_params(params, trajectory.meta.get("delta_meta", {}))
+    delta = Delta.from_params(params, trajectory.meta.get("delta_meta", {}))
+    params.theta.copy_(base)
+    params.restore()
+    return delta
