@@ -234,9 +234,13 @@ def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- commands
+# how a run is executed, not what it computes: never saved as run settings, free on --resume
+_LAUNCH_ARGS = ("nproc", "parallel", "dist_timeout")
+
+
 def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
     """The settings of the run in ``args.resume`` (its config.json); other flags are refused."""
-    given = {k: v for k, v in vars(args).items() if k not in ("resume", "json", "verbose", "func")}
+    given = {k: v for k, v in vars(args).items() if k not in ("resume", "json", "verbose", "func", *_LAUNCH_ARGS)}
     defaults = vars(build_parser().parse_args(["train"]))
     changed = sorted(k for k, v in given.items() if defaults.get(k) != v)
     if changed:
@@ -254,13 +258,51 @@ def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
     resumed = argparse.Namespace(**dict(defaults, **saved))
     resumed.mask, resumed.out = str(run / "mask.safetensors"), str(run)  # never recompute the mask
     resumed.resume, resumed.json, resumed.func = args.resume, args.json, args.func
+    for k in _LAUNCH_ARGS:  # any number of processes may continue a run
+        setattr(resumed, k, getattr(args, k))
     return resumed
 
 
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """``args`` as a ``train`` command line again, for re-launching it under torchrun."""
+    p = argparse.ArgumentParser()
+    _add_train_args(p)
+    argv = ["-v"] * bool(args.verbose) + ["train"]
+    for a in p._actions:
+        v = getattr(args, a.dest, None)
+        if a.option_strings and a.dest != "help" and v != a.default:
+            argv += [a.option_strings[0]] if a.nargs == 0 else [a.option_strings[0], str(v)]
+    return argv
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    """Train in this process, as one rank of a torchrun group, or re-launched as ``--nproc`` ranks."""
+    from .distributed import check_split, init_from_env, launch
+
+    if args.nproc < 1:
+        raise SparseZOError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        run = _resume_args(args) if args.resume else args
+        check_split(args.parallel, args.nproc, run.q, run.batch_size)  # before starting any process
+        launch(args.nproc, _train_argv(args))
+        return
+    dist = init_from_env(args.parallel, args.dist_timeout, args.device)
+    try:
+        if dist and args.nproc > 1 and dist.world != args.nproc:
+            raise SparseZOError(f"--nproc {args.nproc} but torchrun started {dist.world} processes; "
+                                "under torchrun leave --nproc out")
+        _train(args, dist)
+    finally:
+        if dist:
+            dist.close()
+
+
+def _train(args: argparse.Namespace, dist) -> None:
+    """One process's part of ``train`` (``dist``: its DistContext, or None when it runs alone)."""
     import shutil
 
     from .checkpoint import load_checkpoint, remove_checkpoints
+    from .distributed import check_split
     from .evaluate import evaluate
     from .io import atomic_dir, write_json
     from .train import fine_tune, run_meta, save_run
@@ -272,39 +314,57 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.checkpoint_every < 0 or args.keep_checkpoints < 1:
         raise SparseZOError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
     cfg = _zo_config(args)
+    is_main = dist is None or dist.is_main
+    if dist:
+        check_split(dist.parallel, dist.world, cfg.zo.q, cfg.batch_size)
+        args.device = str(dist.device) if args.device.startswith("cuda") else args.device
+        if not is_main:
+            log.setLevel(logging.WARNING)  # rank 0 reports for all
     out = Path(args.out or f"runs/{args.task}-{Path(args.mask).stem}-seed{args.seed}")
-    if out.exists() and not args.resume:
+    if is_main and out.exists() and not args.resume:
         raise SparseZOError(f"output directory {out} already exists; choose another --out, remove it, "
                             f"or continue it with --resume {out}")
     task = _task(args)
     splits = _splits(args, task=task)
-    model, tok, mask = _model_and_mask(args, splits["train"])
+    if is_main or args.resume:  # other ranks wait for the mask rank 0 computes (e.g. Fisher scores: minutes)
+        model, tok, mask = _model_and_mask(args, splits["train"])
+    if is_main:
+        meta = run_meta(cfg, model=str(model.name_or_path), dtype=args.dtype, quant=args.quant, task=args.task,
+                        task_options=_task_options(args), data_dir=args.data_dir, mask_rule=mask.rule,
+                        density=mask.meta.get("density"), num_train=args.num_train, num_dev=args.num_dev,
+                        num_test=args.num_test, split_sizes={k: len(v) for k, v in splits.items()})
+        if dist:
+            log.info("%d processes, %s-parallel", dist.world, dist.parallel)
+    if is_main and not args.resume:  # the run directory exists from here on: config + mask first, then checkpoints
+        unsaved = ("func", "json", "verbose", "resume", *_LAUNCH_ARGS)
+        saved_args = {k: v for k, v in vars(args).items() if k not in unsaved}
+        with atomic_dir(out) as tmp:
+            mask.save(tmp / "mask.safetensors")
+            write_json(tmp / "config.json", dict(meta, args=saved_args))
+    if dist and not args.resume:
+        dist.barrier("start-up (rank 0 computing the mask and creating the run directory)")
+        if not is_main:  # the mask file rank 0 just wrote (the run directory must be shared by all nodes)
+            args.mask = str(out / "mask.safetensors")
+            model, tok, mask = _model_and_mask(args, splits["train"])
     params = TrainableParams(model, mask)
     log.info("training %d of %d eligible weights (%s)", mask.num_trainable, mask.num_eligible, mask.rule)
-    meta = run_meta(cfg, model=str(model.name_or_path), dtype=args.dtype, quant=args.quant, task=args.task,
-                    task_options=_task_options(args), data_dir=args.data_dir, mask_rule=mask.rule,
-                    density=mask.meta.get("density"), num_train=args.num_train, num_dev=args.num_dev,
-                    num_test=args.num_test, split_sizes={k: len(v) for k, v in splits.items()})
     state = None
     if args.resume:
         state = load_checkpoint(out)
         log.info("resuming %s from step %d", out, state.step) if state else log.warning(
             "no intact checkpoint in %s; starting it over", out)
-    else:  # the run directory exists from here on: config + mask first, checkpoints as training goes
-        saved_args = {k: v for k, v in vars(args).items() if k not in ("func", "json", "verbose", "resume")}
-        with atomic_dir(out) as tmp:
-            mask.save(tmp / "mask.safetensors")
-            write_json(tmp / "config.json", dict(meta, args=saved_args))
     try:
         result = fine_tune(model, tok, params, splits["train"], splits["dev"], cfg, out / "metrics.jsonl", task=task,
                            run_dir=out, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                           resume=state)
+                           resume=state, dist=dist)
     except BaseException:
-        if not args.resume and load_checkpoint(out) is None:
+        if is_main and not args.resume and load_checkpoint(out) is None:
             shutil.rmtree(out, ignore_errors=True)  # nothing worth resuming: leave nothing behind
-        else:
+        elif is_main:
             log.error("run directory %s kept; continue it with: sparsezo train --resume %s", out, out)
         raise
+    if not is_main:
+        return  # rank 0 tests, saves and reports
     test = evaluate(model, tok, task, splits["test"], cfg.eval_batch_size)
     metric = test["metric"]  # accuracy, or f1 (+ em) for generation tasks
     results = {"task": args.task, "metric": metric,
@@ -315,6 +375,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     config["results"] = dict(results, seconds=round(result.seconds, 2))
     if args.resume:
         config["resumed"] = config.get("resumed", 0) + 1
+    config["processes"] = {"world_size": dist.world, "parallel": dist.parallel} if dist else {"world_size": 1}
     save_run(out, params, result.trajectory, cfg.zo, dict(meta, results=results), config)
     remove_checkpoints(out)
     _emit(args, dict(results, seconds=round(result.seconds, 2), out=str(out)),
@@ -583,18 +644,30 @@ def cmd_mask_mass(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsezo", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="ZO fine-tune on a task; writes delta.safetensors, config.json, metrics.jsonl")
+def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p), _add_task_args(p), _add_mask_args(p), _add_zo_args(p)
     p.add_argument("--out", default=None, help="run directory (default runs/TASK-MASK-seedN); must not exist")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between crash-safe checkpoints (0: none)")
     p.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept while training")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its newest intact checkpoint (all settings from RUN_DIR)")
+    g = p.add_argument_group("several processes (torchrun)")
+    g.add_argument("--nproc", type=int, default=1,
+                   help="run as N processes on this machine (re-launched through torchrun); under torchrun leave it out")
+    g.add_argument("--parallel", default="data", choices=["data", "query"],
+                   help="data: each process scores its share of the batch; query: each process measures its "
+                        "share of the --q queries (bit-identical to one process)")
+    g.add_argument("--dist-timeout", type=float, default=1800,
+                   help="seconds a process waits for the others before failing (must cover rank 0's mask computation)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsezo", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="ZO fine-tune on a task; writes delta.safetensors, config.json, metrics.jsonl")
+    _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy of the base model, or base + --delta")

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +23,9 @@ from .evaluate import evaluate as evaluate_split
 from .scoring import LOSSES, batch_loss, encode, make_batch
 from .tasks import Example, Task
 from .zo import StepRecord, TrainableParams, Trajectory, ZOConfig, ZOEngine
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 
 @dataclass
@@ -83,6 +86,7 @@ def fine_tune(
     checkpoint_every: int = 0,
     keep_checkpoints: int = 1,
     resume: TrainState | None = None,
+    dist: DistContext | None = None,
 ) -> TrainResult:
     """Run ``cfg.steps`` ZO steps on ``train``; on return ``params`` hold the best-dev (or last) θ.
 
@@ -90,11 +94,26 @@ def fine_tune(
     With ``run_dir`` and ``checkpoint_every``, a checkpoint is written every that many steps and
     after the last one; ``resume`` continues from one, giving bit-identical results to a run
     that was never interrupted (batches and noise depend only on (seed, step)).
+
+    With ``dist`` (one call per process, see :mod:`sparsezo.distributed`) the steps are data- or
+    query-parallel, every rank ends with the same θ, and only rank 0 writes metrics and
+    checkpoints and shows the progress bar. Every rank evaluates the whole dev set and takes
+    rank 0's value, so the best-dev θ is the same everywhere.
     """
     cfg.validate()
     if not train or not dev:
         raise SparseZOError("training needs non-empty train and dev splits; raise --num-train/--num-dev")
-    engine = ZOEngine(params, cfg.zo, cfg.steps)
+    if dist is None:
+        engine = ZOEngine(params, cfg.zo, cfg.steps)
+    else:
+        from .distributed import DistributedEngine, check_consistent, check_split
+
+        check_split(dist.parallel, dist.world, cfg.zo.q, cfg.batch_size)
+        check_consistent(dist, model, params, cfg, train, dev, resume.theta if resume else params.theta,
+                         resume.opt_state if resume else {})
+        engine = DistributedEngine(params, cfg.zo, cfg.steps, dist)
+        if not dist.is_main:
+            metrics_path, progress, run_dir = None, False, None
     device = params.theta.device
     encoded = encode(tokenizer, train)
     pad = tokenizer.pad_token_id
@@ -111,8 +130,9 @@ def fine_tune(
 
     def evaluate(step: int) -> float:
         res = evaluate_split(model, tokenizer, task, dev, cfg.eval_batch_size)
-        log({"step": step, f"dev_{res['metric']}": res["value"]})
-        return res["value"]
+        value = res["value"] if dist is None else dist.from_main(res["value"], f"dev evaluation at step {step}")
+        log({"step": step, f"dev_{res['metric']}": value})
+        return value
 
     t0 = time.perf_counter()
     if resume:
@@ -130,8 +150,11 @@ def fine_tune(
     running = None
     try:
         for step in bar:
-            b = make_batch([encoded[i] for i in batch_indices(cfg.zo.seed, step, len(encoded), cfg.batch_size)], pad, device=device)
-            rec: StepRecord = engine.step(step, lambda: batch_loss(model, b, cfg.loss))
+            idx = batch_indices(cfg.zo.seed, step, len(encoded), cfg.batch_size)
+            idx = idx if dist is None else dist.shard(idx)
+            b = make_batch([encoded[i] for i in idx], pad, device=device)
+            loss = lambda: batch_loss(model, b, cfg.loss)  # noqa: E731
+            rec: StepRecord = engine.step(step, loss) if dist is None else engine.step(step, loss, len(idx))
             trajectory.append(rec)
             running = rec.loss if running is None else 0.95 * running + 0.05 * rec.loss
             log({"step": step + 1, "loss": rec.loss, "grad": rec.grads, "seed": rec.seeds, "lr": rec.lr})
