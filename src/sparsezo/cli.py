@@ -33,6 +33,14 @@ def _add_model_args(p: argparse.ArgumentParser, quant: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
+def _add_run_base_args(p: argparse.ArgumentParser) -> None:
+    """replay/merge: the base model defaults to the one the run recorded, in the run's dtype."""
+    p.add_argument("--model", default=None, help="base model folder (default: the one the run recorded)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: the run's")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+
+
 def _add_task_args(p: argparse.ArgumentParser, train: bool = True) -> None:
     """Task and split options; ``train=False`` adds the eval command's --split/--icl/--max-new-tokens.
 
@@ -699,19 +707,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output delta.safetensors (or a folder for it)")
     p.add_argument("--mask", default=None, help="mask file (default: RUN_DIR/mask.safetensors)")
     p.add_argument("--trajectory", default=None, help="trajectory file (default: RUN_DIR/trajectory.safetensors)")
-    p.add_argument("--model", default=None, help="base model folder (default: the one the run recorded)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: the run's")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    _add_run_base_args(p)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("merge", help="write base + delta as a plain Hugging Face model folder")
     p.add_argument("--delta", required=True, help="run directory or delta.safetensors")
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--model", default=None, help="base model folder (default: the one the run recorded)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: the run's")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    _add_run_base_args(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("info", help="sizes of a run's files: trajectory, delta, mask, full model")
