@@ -244,11 +244,12 @@ def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
 # ----------------------------------------------------------------------------- commands
 # how a run is executed, not what it computes: never saved as run settings, free on --resume
 _LAUNCH_ARGS = ("nproc", "parallel", "dist_timeout")
+_NOT_RUN_SETTINGS = ("func", "json", "verbose", "resume", *_LAUNCH_ARGS)  # never saved in config.json args
 
 
 def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
     """The settings of the run in ``args.resume`` (its config.json); other flags are refused."""
-    given = {k: v for k, v in vars(args).items() if k not in ("resume", "json", "verbose", "func", *_LAUNCH_ARGS)}
+    given = {k: v for k, v in vars(args).items() if k not in _NOT_RUN_SETTINGS}
     defaults = vars(build_parser().parse_args(["train"]))
     changed = sorted(k for k, v in given.items() if defaults.get(k) != v)
     if changed:
@@ -344,8 +345,7 @@ def _train(args: argparse.Namespace, dist) -> None:
         if dist:
             log.info("%d processes, %s-parallel", dist.world, dist.parallel)
     if is_main and not args.resume:  # the run directory exists from here on: config + mask first, then checkpoints
-        unsaved = ("func", "json", "verbose", "resume", *_LAUNCH_ARGS)
-        saved_args = {k: v for k, v in vars(args).items() if k not in unsaved}
+        saved_args = {k: v for k, v in vars(args).items() if k not in _NOT_RUN_SETTINGS}
         with atomic_dir(out) as tmp:
             mask.save(tmp / "mask.safetensors")
             write_json(tmp / "config.json", dict(meta, args=saved_args))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -36,7 +35,6 @@ import torch.distributed as dist
 from .errors import SparseZOError
 from .zo import StepRecord, TrainableParams, ZOConfig, ZOEngine
 from .zo.noise import step_seed
-from .zo.optim import lr_at
 
 PARALLEL = ("data", "query")
 
@@ -155,14 +153,10 @@ def check_consistent(ctx: DistContext, model, params: TrainableParams, cfg, trai
     def tensor_bytes(*ts: torch.Tensor) -> bytes:
         return b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in ts)
 
-    mask = params.mask  # in θ's layout order: the same entries in another order would be another θ
-    selected = [f"{n}:{list(mask.shapes[n])}:".encode()
-                + (b"all" if mask.indices[n] is None else tensor_bytes(mask.indices[n].to(torch.int64)))
-                for n in params.names]
     data = [[e.prompt, e.candidates, e.gold, e.answers] for e in [*train, *dev]]
     ctx.check_same({
         "model": json.dumps(model_fingerprint(model), sort_keys=True).encode(),
-        "mask": b"".join(selected),
+        "mask": params.mask.digest().encode(),  # θ's layout follows from model + mask (model order)
         "trainable values": tensor_bytes(theta, *(opt_state[k] for k in sorted(opt_state))),
         "settings": json.dumps(asdict(cfg), sort_keys=True).encode(),
         "data": json.dumps(data).encode(),
@@ -198,19 +192,7 @@ class DistributedEngine(ZOEngine):
         if seeds != [step_seed(self.cfg.seed, step, i) for i in range(q)]:
             raise SparseZOError(f"training processes are out of step at step {step} (their seeds differ)")
         lps, lms = rows[:, :2].contiguous().view(torch.float64).T.tolist()
-        grads, losses = [], []
-        for lp, lm in zip(lps, lms):
-            if not (math.isfinite(lp) and math.isfinite(lm)):
-                self._z.clear()
-                self.params.restore()
-                raise SparseZOError(
-                    f"loss became non-finite at step {step} (L+={lp}, L-={lm}); lower --lr or --eps and retry"
-                )
-            grads.append((lp - lm) / (2 * self.cfg.eps))  # the same float ops as ZOEngine.step
-            losses.append(0.5 * (lp + lm))
-        lr = lr_at(self.cfg.schedule, self.cfg.lr, step, self.total_steps, self.cfg.warmup)
-        self.apply(step, seeds, grads, lr)
-        return StepRecord(step, seeds, grads, lr, sum(losses) / len(losses))
+        return self.finish(step, seeds, lps, lms)
 
 
 def init_from_env(parallel: str, timeout_s: float, device: str) -> DistContext | None:

@@ -131,19 +131,29 @@ class ZOEngine:
 
     def step(self, step: int, loss_fn: Callable[[], float]) -> StepRecord:
         """One ZO step at 0-based ``step``; raises on a non-finite loss, leaving θ untouched."""
-        seeds, grads, losses = [], [], []
+        seeds, lps, lms = [], [], []
         for i in range(self.cfg.q):
             seed = step_seed(self.cfg.seed, step, i)
             lp, lm = self.perturbed_losses(seed, loss_fn)
+            seeds.append(seed), lps.append(lp), lms.append(lm)
+            if not (math.isfinite(lp) and math.isfinite(lm)):
+                break  # no point measuring the other queries
+        return self.finish(step, seeds, lps, lms)
+
+    def finish(self, step: int, seeds: list[int], lps: list[float], lms: list[float]) -> StepRecord:
+        """Turn the measured L± of each query into projected gradients and apply the update.
+
+        Shared with query-parallel training, which measures the queries on several processes.
+        """
+        for lp, lm in zip(lps, lms):
             if not (math.isfinite(lp) and math.isfinite(lm)):
                 self._z.clear()
                 self.params.restore()
                 raise SparseZOError(
                     f"loss became non-finite at step {step} (L+={lp}, L-={lm}); lower --lr or --eps and retry"
                 )
-            seeds.append(seed)
-            grads.append((lp - lm) / (2 * self.cfg.eps))
-            losses.append(0.5 * (lp + lm))
+        grads = [(lp - lm) / (2 * self.cfg.eps) for lp, lm in zip(lps, lms)]
+        losses = [0.5 * (lp + lm) for lp, lm in zip(lps, lms)]
         lr = lr_at(self.cfg.schedule, self.cfg.lr, step, self.total_steps, self.cfg.warmup)
         self.apply(step, seeds, grads, lr)
         return StepRecord(step, seeds, grads, lr, sum(losses) / len(losses))
