@@ -32,6 +32,7 @@ from torch import nn
 from .errors import SparseZOError
 from .io import load_tensors, save_tensors
 from .masks import Mask
+from .masks.base import index_dtype
 from .zo import TrainableParams, Trajectory
 
 FORMAT = "sparsezo.delta/1"
@@ -57,8 +58,7 @@ class Delta:
         for name, v in self.values.items():
             idx = self.mask.indices[name]
             if idx is not None:  # int32 when it fits, as in mask files: 8 bytes an entry with the value
-                small = torch.Size(self.mask.shapes[name]).numel() < 2**31
-                tensors[f"{name}.indices"] = idx.to(torch.int32 if small else torch.int64)
+                tensors[f"{name}.indices"] = idx.to(index_dtype(self.mask.shapes[name]))
             tensors[f"{name}.values"] = v.float()
         meta = dict(self.meta, format=FORMAT, mask={k: v for k, v in self.mask.meta.items()},
                     shapes={n: list(s) for n, s in self.mask.shapes.items()})

@@ -63,7 +63,7 @@ class Mask:
         tensors = {}
         for name, idx in self.indices.items():
             if idx is not None:
-                tensors[name] = idx.to(torch.int32 if numel(self.shapes[name]) < 2**31 else torch.int64)
+                tensors[name] = idx.to(index_dtype(self.shapes[name]))
         meta = dict(self.meta, format=FORMAT, shapes={n: list(s) for n, s in self.shapes.items()},
                     full_tensors=[n for n, i in self.indices.items() if i is None])
         save_tensors(path, tensors, meta)
@@ -135,6 +135,11 @@ class MaskContext:
     micro_batch: int = 8
     info: dict[str, Any] = field(default_factory=dict)  # provenance rules record (saved with the mask)
     stats: dict[str, Any] = field(default_factory=dict)  # timings rules record (reported, not saved)
+
+
+def index_dtype(shape: tuple[int, ...] | list[int]) -> torch.dtype:
+    """The dtype flat indices into a tensor of ``shape`` are stored in: int32 when it fits (half the bytes)."""
+    return torch.int32 if numel(shape) < 2**31 else torch.int64
 
 
 def numel(shape: tuple[int, ...] | list[int]) -> int:

@@ -44,9 +44,6 @@ class Trajectory:
         self.grads.append(list(rec.grads))
         self.lrs.append(rec.lr)
 
-    def truncate(self, steps: int) -> None:
-        del self.seeds[steps:], self.grads[steps:], self.lrs[steps:]
-
     def tensors(self) -> dict[str, torch.Tensor]:
         q = len(self.seeds[0]) if self.seeds else 0
         return {
