@@ -77,3 +77,26 @@ def test_best_dev_theta_is_kept():
     assert [r["step"] for r in evals] == [0, 50, 60]
     assert res.best_dev == max(r["dev_accuracy"] for r in evals)
     assert accuracy(model, tok, _examples(32, 2)) == res.best_dev
+
+
+def test_on_eval_sees_each_evaluated_theta_and_does_not_steer_selection():
+    model, tok = tiny_model(), tiny_tokenizer()
+    params = TrainableParams(model, compute_mask(model, "random", 0.1, seed=1))
+    held_out = _examples(48, 7)
+    seen = []
+
+    def on_eval(step):
+        seen.append((step, params.theta.clone()))
+        return {"held_out_accuracy": accuracy(model, tok, held_out)} if step else {}
+
+    cfg = TrainConfig(steps=20, batch_size=16, eval_every=10, zo=ZOConfig(lr=3e-2, eps=1e-3, seed=0))
+    res = fine_tune(model, tok, params, _examples(128, 1), _examples(32, 2), cfg, progress=False, on_eval=on_eval)
+    evals = [r for r in res.history if "dev_accuracy" in r]
+    assert [r["step"] for r in evals] == [s for s, _ in seen] == [0, 10, 20]
+    assert "held_out_accuracy" not in evals[0] and all(0 <= r["held_out_accuracy"] <= 1 for r in evals[1:])
+    assert not torch.equal(seen[1][1], seen[2][1])  # called with the θ of that step, not a copy of one
+    # selection is by dev only: the same run without the hook ends on the same θ
+    model2 = tiny_model()
+    params2 = TrainableParams(model2, compute_mask(model2, "random", 0.1, seed=1))
+    res2 = fine_tune(model2, tok, params2, _examples(128, 1), _examples(32, 2), cfg, progress=False)
+    assert res2.best_step == res.best_step and torch.equal(params2.theta, params.theta)

@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -87,6 +88,7 @@ def fine_tune(
     keep_checkpoints: int = 1,
     resume: TrainState | None = None,
     dist: DistContext | None = None,
+    on_eval: Callable[[int], dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Run ``cfg.steps`` ZO steps on ``train``; on return ``params`` hold the best-dev (or last) θ.
 
@@ -99,6 +101,10 @@ def fine_tune(
     query-parallel, every rank ends with the same θ, and only rank 0 writes metrics and
     checkpoints and shows the progress bar. Every rank evaluates the whole dev set and takes
     rank 0's value, so the best-dev θ is the same everywhere.
+
+    ``on_eval(step)`` runs after each dev evaluation, with the model holding that step's θ; the
+    values it returns are added to that step's metrics row (e.g. a held-out curve that must not
+    steer selection). It is not called again on resume for steps already logged.
     """
     cfg.validate()
     if not train or not dev:
@@ -131,7 +137,10 @@ def fine_tune(
     def evaluate(step: int) -> float:
         res = evaluate_split(model, tokenizer, task, dev, cfg.eval_batch_size)
         value = res["value"] if dist is None else dist.from_main(res["value"], f"dev evaluation at step {step}")
-        log({"step": step, f"dev_{res['metric']}": value})
+        row = {"step": step, f"dev_{res['metric']}": value}
+        if on_eval is not None:
+            row.update(on_eval(step))
+        log(row)
         return value
 
     t0 = time.perf_counter()
