@@ -320,10 +320,6 @@ def work(store: Store) -> int:
 
 
 # ----------------------------------------------------------------------------- report
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
-
-
 def report(store: Store, out: Path, command: str) -> dict:
     """Table, claims, steps-to-target, lr search, plots; from whatever cells exist."""
     grid_methods = [*EVAL_ONLY, *METHODS]
@@ -343,8 +339,8 @@ def report(store: Store, out: Path, command: str) -> dict:
     reach = _steps_to_full(store)
     density = {r: {f"{d:g}": _density_acc(store, acc, r, d) for d in DENSITIES} for r in DENSITY_RULES}
     everything = all_cells(store)
-    cells = [c for c in everything if store.get(c) is not None]
-    seconds = sum(store.get(c)["seconds"] for c in cells)
+    cells = [got for c in everything if (got := store.get(c)) is not None]
+    seconds = sum(got["seconds"] for got in cells)
     result = {"command": command, "model": "SmolLM2-135M-Instruct (embedded), bfloat16", "seeds": list(SEEDS),
               "batch": BATCH, "eps": EPS, "calib_tokens": CALIB_TOKENS, "icl_shots": ICL_SHOTS,
               "tasks": {t: asdict(s) for t, s in TASKS.items()}, "lr": lrs, "lr_search": search,
