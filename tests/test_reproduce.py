@@ -81,3 +81,21 @@ def test_claims_are_paired_differences_with_a_confidence_interval(diffs, verdict
     assert (claim["a"], claim["b"], claim["n"]) == ("sensitive", "full", len(diffs))
     assert math.isclose(claim["mean_diff"], sum(diffs) / len(diffs))
     assert claim["verdict"] == verdict
+    per_task = {t: c for t, c in claim["per_task"].items() if c["n"]}
+    assert sum(c["n"] for c in per_task.values()) == len(diffs)
+    first = next(iter(per_task.values()))
+    assert math.isclose(first["mean_diff"], sum(diffs[: first["n"]]) / first["n"])
+
+
+def test_per_task_interval_uses_student_t_not_the_normal():
+    # three seeds agreeing closely: the normal 1.96 would call +0.02 ± 0.017 significant, t(2) = 4.30 does not
+    cells = {("sensitive", "sst2", s): 0.6 + d for s, d in zip(R.SEEDS, (0.01, 0.02, 0.03))}
+    cells.update({("full", "sst2", s): 0.6 for s in R.SEEDS})
+    c = R._claims(lambda m, t, s: cells.get((m, t, s)))[0]["per_task"]["sst2"]
+    assert math.isclose(c["ci95"], 4.303 * 0.01 / math.sqrt(3), rel_tol=1e-3)
+    assert c["verdict"] == "no significant difference"
+
+
+@pytest.mark.parametrize("df,expected", [(1, 12.706), (2, 4.303), (14, 2.145), (120, 1.980)])
+def test_t_quantile_matches_the_table(df, expected):
+    assert R.t_quantile(df) == pytest.approx(expected, abs=1e-3)
