@@ -339,13 +339,15 @@ def report(store: Store, out: Path, command: str) -> dict:
     reach = _steps_to_full(store)
     density = {r: {f"{d:g}": _density_acc(store, acc, r, d) for d in DENSITIES} for r in DENSITY_RULES}
     everything = all_cells(store)
-    cells = [got for c in everything if (got := store.get(c)) is not None]
-    seconds = sum(got["seconds"] for got in cells)
+    done = [(c.kind, got) for c in everything if (got := store.get(c)) is not None]
+    by_kind = {k: round(sum(got["seconds"] for kind, got in done if kind == k)) for k in ("search", "eval", "grid",
+                                                                                           "density")}
     result = {"command": command, "model": "SmolLM2-135M-Instruct (embedded), bfloat16", "seeds": list(SEEDS),
               "batch": BATCH, "eps": EPS, "calib_tokens": CALIB_TOKENS, "icl_shots": ICL_SHOTS,
               "tasks": {t: asdict(s) for t, s in TASKS.items()}, "lr": lrs, "lr_search": search,
               "test_accuracy": table, "claims": claims, "steps_to_full_zo_dev": reach, "density": density,
-              "cells_done": len(cells), "cells_total": len(everything), "cell_seconds": round(seconds)}
+              "cells_done": len(done), "cells_total": len(everything), "cell_seconds": sum(by_kind.values()),
+              "cell_seconds_by_kind": by_kind}
     write_json(f"{out}.json", result)
     _plots(out, table, curves, density, {m: acc(m, "sst2", 0) for m in ("full", "zero-shot")})
     Path(f"{out}.md").write_text(_markdown(result, grid_methods, out))
@@ -486,7 +488,9 @@ def _markdown(r: dict, methods: list[str], out: Path) -> str:
         "# Reproduction: SensZOQ and Sparse MeZO claims on SmolLM2-135M",
         "",
         f"Regenerate (or finish): `{r['command']}` — cells done: {r['cells_done']}/{r['cells_total']}, "
-        f"{r['cell_seconds']} s of cell time (2 single-thread workers on a 2-core CPU).",
+        f"{r['cell_seconds']} s of cell time on single-thread workers ("
+        + ", ".join(f"{k} {v} s" for k, v in r["cell_seconds_by_kind"].items())
+        + f"), i.e. ≈ {r['cell_seconds'] / 2 / 3600:.1f} h of wall time with 2 workers on this 2-core CPU.",
         "",
         f"Model {r['model']}. ZO-SGD, batch {r['batch']}, eps {r['eps']}, constant lr, MeZO protocol "
         "(dev evaluated every steps/4, best-dev θ tested). Masks at density 1e-3 (full ZO: all 134.5 M weights); "
