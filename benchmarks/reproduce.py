@@ -524,6 +524,8 @@ def _markdown(r: dict, methods: list[str], out: Path) -> str:
             else f"{p['mean_diff']:+.3f} ± {p['ci95']:.3f}{mark[p['verdict']]}"
             for p in c["per_task"].values()) + " |")
     lines += ["", "## Steps to reach full ZO's final dev accuracy (same seed; per seed, `-` = not reached)", "",
+              "Where full ZO stays at its starting dev accuracy, any method that does not fall below it "
+              "'reaches' it at the first evaluation: read this table next to the curves.", "",
               "| task | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
     for t, by_m in r["steps_to_full_zo_dev"].items():
         lines.append(f"| {t} | " + " | ".join(",".join("-" if x is None else str(x) for x in by_m.get(m, []))
