@@ -367,7 +367,7 @@ def t_quantile(df: int, p: float = 0.975) -> float:
     """Student-t quantile by bisection on the numerically integrated density.
 
     Per-task checks have n = 3 seeds, where the normal 1.96 would give a ~2x too narrow
-    interval (t_0.975 with 2 df is 4.30); scipy is not a dependency, and 60 lines of table
+    interval (t_0.975 with 2 df is 4.30); scipy is not a dependency, and a table of constants
     or a new package for one number is worse than integrating the density.
     """
     logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)

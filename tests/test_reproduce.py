@@ -88,7 +88,7 @@ def test_claims_are_paired_differences_with_a_confidence_interval(diffs, verdict
 
 
 def test_per_task_interval_uses_student_t_not_the_normal():
-    # three seeds agreeing closely: the normal 1.96 would call +0.02 ± 0.017 significant, t(2) = 4.30 does not
+    # three seeds agreeing closely: the normal 1.96 would call +0.02 ± 0.011 significant, t(2) = 4.30 does not
     cells = {("sensitive", "sst2", s): 0.6 + d for s, d in zip(R.SEEDS, (0.01, 0.02, 0.03))}
     cells.update({("full", "sst2", s): 0.6 for s in R.SEEDS})
     c = R._claims(lambda m, t, s: cells.get((m, t, s)))[0]["per_task"]["sst2"]
