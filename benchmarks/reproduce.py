@@ -90,6 +90,11 @@ def lr_grid(method: str) -> tuple[float, ...]:
     return LR_GRID["full" if METHODS[method].rule == "full" else "sparse"]
 
 
+def _best_lr(scores: dict[float, float]) -> float:
+    """The best-scoring lr; ties go to the smaller lr (the same rule for the search and its use)."""
+    return max(scores, key=lambda lr: (scores[lr], -lr))
+
+
 def _neighbour(lr: float, up: bool) -> float:
     """The next value of the 1-3-10 ladder the grids are on."""
     m, e = f"{lr:.0e}".split("e")
@@ -180,7 +185,7 @@ class Store:
             a = math.log(full / at) / math.log(METHODS[method].density)  # lr(d) = at * (1e-3 / d) ** a
             return at * (METHODS[method].density / density) ** a
         _, scores = self.search(METHODS[method].lr_from or method)
-        return max(scores, key=lambda lr: (scores[lr], -lr)) if scores else None  # ties: the smaller lr
+        return _best_lr(scores) if scores else None
 
     def search(self, method: str) -> tuple[list[float], dict[float, float]]:
         """(lrs to search, their dev scores once all are done and the best is not on an edge, else {})."""
@@ -190,7 +195,7 @@ class Store:
             if any(v is None for v in got.values()):
                 return lrs, {}
             scores = {lr: v["dev_auc"] for lr, v in got.items()}
-            best = max(scores, key=lambda lr: (scores[lr], -lr))
+            best = _best_lr(scores)
             if len(lrs) - len(lr_grid(method)) < MAX_EXTEND and best in (lrs[0], lrs[-1]):
                 lrs = [_neighbour(lrs[0], up=False), *lrs] if best == lrs[0] else [*lrs, _neighbour(lrs[-1], up=True)]
                 continue
