@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsezo.io import write_json
+from sparsezo.io import atomic_path, write_json
 
 # ----------------------------------------------------------------------------- the grid
 SEEDS = (0, 1, 2)
@@ -355,7 +355,8 @@ def report(store: Store, out: Path, command: str) -> dict:
               "cell_seconds_by_kind": by_kind}
     write_json(f"{out}.json", result)
     _plots(out, table, curves, density, {m: acc(m, "sst2", 0) for m in ("full", "zero-shot")})
-    Path(f"{out}.md").write_text(_markdown(result, grid_methods, out))
+    with atomic_path(f"{out}.md") as tmp:
+        tmp.write_text(_markdown(result, grid_methods, out))
     return result
 
 
@@ -465,10 +466,7 @@ def _plots(out: Path, table: dict, curves: dict, density: dict, sst2_seed0: dict
             ax.axhline(np.mean(icl), ls="--", c="gray", lw=1, label=f"{ICL_SHOTS}-shot ICL")
         ax.set(xlabel="ZO steps", ylabel="test accuracy of θ at that step",
                title=f"{t}: test accuracy vs steps (mean ± std over seeds)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(f"{out}_{t}.png", dpi=110)
-        plt.close(fig)
+        _save(fig, ax, f"{out}_{t}.png")
     if any(v is not None for r in density.values() for v in r.values()):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for rule, by_d in density.items():
@@ -479,10 +477,18 @@ def _plots(out: Path, table: dict, curves: dict, density: dict, sst2_seed0: dict
                 ax.axhline(value, ls=style, c="gray", lw=1, label=f"{m} (seed 0)")
         ax.set(xscale="log", xlabel="density (fraction of weights trained)", ylabel="SST-2 test accuracy",
                title="SST-2: accuracy vs density (seed 0)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(f"{out}_density.png", dpi=110)
-        plt.close(fig)
+        _save(fig, ax, f"{out}_density.png")
+
+
+def _save(fig, ax, path: str) -> None:
+    """Legend, layout, and an atomic PNG write (a killed report leaves the old plot, not half a new one)."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
 
 
 def _markdown(r: dict, methods: list[str], out: Path) -> str:
