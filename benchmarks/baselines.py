@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from sparsezo.errors import SparseZOError
 from sparsezo.evaluate import evaluate
-from sparsezo.io import write_json
+from sparsezo.io import write_json, write_text
 from sparsezo.tasks import TASKS, get_task
 from sparsezo.tasks.icl import with_demonstrations
 
@@ -77,7 +77,7 @@ def main() -> None:
     result = {"command": command, "model": args.model or "SmolLM2-135M-Instruct (embedded)", "dtype": args.dtype,
               "seed": args.seed, "max_test": args.max_test, "results": table, "no_data": missing_data}
     write_json(f"{args.out}.json", result)
-    Path(f"{args.out}.md").write_text(_markdown(result, list(modes)))
+    write_text(f"{args.out}.md", _markdown(result, list(modes)))
     print(json.dumps(result))
 
 

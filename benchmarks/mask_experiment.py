@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sparsezo.io import atomic_path, write_text
 from sparsezo.masks import Mask
 from sparsezo.masks.analysis import compare
 
@@ -47,7 +48,7 @@ def main() -> None:
                    "--calib-tokens", args.calib_tokens, "--out", str(path), "--json", *extra]
             print("+", " ".join(cmd[2:]), file=sys.stderr)
             res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-            info_path.write_text(res.stdout)
+            write_text(info_path, res.stdout)  # a cache: a half-written file would poison every later run
         runs[name] = json.loads(info_path.read_text())
     masks = {name: Mask.load(folder / f"{name}.safetensors") for name in MASKS}
     names = list(MASKS)
@@ -55,7 +56,7 @@ def main() -> None:
     wiki_vs_task = {t: compare(masks["wikitext"], masks[t]) for t in ("sst2-task", "rte-task")}
     result = {"density": float(args.density), "runs": runs, "jaccard": jaccard,
               "layers_wikitext_vs_sst2": wiki_vs_task["sst2-task"]["modules"]}
-    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(Path(f"{out}.json"), json.dumps(result, indent=2) + "\n")
 
     lines = [f"# Masks on SmolLM2-135M-Instruct (density {args.density})", "",
              f"Regenerate: `python benchmarks/mask_experiment.py --out {out} --calib-tokens {args.calib_tokens}` "
@@ -91,7 +92,7 @@ def main() -> None:
               "MeZO's small weights and SensZOQ's sensitive weights are different hypotheses.",
               "- Timings were taken while other jobs shared the 2 cores (read them as upper bounds); the Fisher pass "
               "is one forward+backward per 8 x 256-token micro-batch (16 of them for 32,768 WikiText-2 tokens)."]
-    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    write_text(Path(f"{out}.md"), "\n".join(lines) + "\n")
     _plot(runs, Path(f"{out}_mass.png"))
     print(json.dumps(result))
 
@@ -114,7 +115,8 @@ def _plot(runs: dict, path: Path) -> None:
     ax.set_title("Fisher mass, SmolLM2-135M")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 if __name__ == "__main__":

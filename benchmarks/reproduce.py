@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsezo.io import atomic_path, write_json
+from sparsezo.io import atomic_path, write_json, write_text
 
 # ----------------------------------------------------------------------------- the grid
 SEEDS = (0, 1, 2)
@@ -355,8 +355,7 @@ def report(store: Store, out: Path, command: str) -> dict:
               "cell_seconds_by_kind": by_kind}
     write_json(f"{out}.json", result)
     _plots(out, table, curves, density, {m: acc(m, "sst2", 0) for m in ("full", "zero-shot")})
-    with atomic_path(f"{out}.md") as tmp:
-        tmp.write_text(_markdown(result, grid_methods, out))
+    write_text(f"{out}.md", _markdown(result, grid_methods, out))
     return result
 
 

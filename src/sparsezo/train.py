@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .checkpoint import Delta, TrainState, save_checkpoint
 from .errors import SparseZOError
-from .io import write_json
+from .io import write_json, write_text
 from .evaluate import evaluate as evaluate_split
 from .scoring import LOSSES, batch_loss, encode, make_batch
 from .tasks import Example, Task
@@ -125,7 +125,7 @@ def fine_tune(
     pad = tokenizer.pad_token_id
     history: list[dict[str, Any]] = list(resume.history) if resume else []
     if metrics_path:  # rewritten from the checkpoint's history on resume: no rows from after it
-        Path(metrics_path).write_text("".join(json.dumps(r) + "\n" for r in history))
+        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     metrics = open(metrics_path, "a") if metrics_path else None
 
     def log(row: dict[str, Any]) -> None:
