@@ -63,7 +63,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        save_merged(model, tok, Path(tmp) / "merged")  # (dequantizes a 4-bit model in place)
+        save_merged(model, tok, Path(tmp) / "merged")  # (4-bit layers are written dequantized)
         merge_s = time.perf_counter() - t
         merged_bytes = sum(p.stat().st_size for p in (Path(tmp) / "merged").glob("*.safetensors"))
 

@@ -5,6 +5,10 @@ classification task (cross-entropy over two candidates at the last position), so
 and sequence length can be measured without data. Step and two-forward times are measured
 alternately and compared as medians: CPU speed on a shared machine drifts by ±30% over
 seconds, and interleaving keeps that drift out of the ratio.
+
+:func:`bench_fused` adds the fused ±ε step (one forward over the stacked batch) to the same
+interleaved rounds; ``sparsezo bench --compare bf16,int4,nf4`` runs it for each base in turn
+in one process (one model loaded at a time, so a 7B comparison fits in memory).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import torch
 from torch import nn
 
 from .masks import Mask
-from .resources import peak_memory_bytes
+from .resources import memory_report, peak_memory_bytes, start_memory_tracking
 from .scoring import Encoded, batch_loss, make_batch
 from .zo import TrainableParams, ZOConfig, ZOEngine
+from .zo.fused import FusedPM, PMLoss
 from .zo.mezo import MeZOReference
 
 
@@ -38,25 +43,58 @@ def synthetic_batch(model: nn.Module, batch: int, seq_len: int, seed: int = 0):
 
 
 def _interleaved(step: Callable[[], Any], loss: Callable[[], Any], repeats: int, device) -> tuple[list, list]:
-    step(), loss()
-    steps, pairs = [], []
+    t = _interleaved_many({"step": step, "pair": lambda: (loss(), loss())}, repeats, device)
+    return t["step"], t["pair"]
+
+
+def _interleaved_many(fns: dict[str, Callable[[], Any]], repeats: int, device) -> dict[str, list[float]]:
+    """Seconds of each of ``fns`` per round, the rounds alternating them (after one warm-up round)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        loss(), loss()
-        _sync(device)
-        pairs.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        step()
-        _sync(device)
-        steps.append(time.perf_counter() - t)
-    return steps, pairs
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def bench_fused(model: nn.Module, mask: Mask, batch: int = 16, seq_len: int = 256, repeats: int = 10,
+                eps: float = 1e-2, dist: str = "gaussian") -> dict[str, Any]:
+    """Time, interleaved: one forward, the unfused step (two forwards), and the fused step
+    (one forward over the batch stacked on itself, zo/fused.py); ratios to two forwards."""
+    device = next(model.parameters()).device
+    b = synthetic_batch(model, batch, seq_len)
+    loss = PMLoss(model, b)
+    params = TrainableParams(model, mask)
+    theta0 = params.theta.clone()
+    fused = FusedPM(model, params)
+    plain = ZOEngine(params, ZOConfig(lr=1e-9, eps=eps, dist=dist), 10**9)
+    joint = ZOEngine(params, ZOConfig(lr=1e-9, eps=eps, dist=dist), 10**9, fused=fused)
+    counter = iter(range(10**9))
+    try:
+        t = _interleaved_many({"pair": lambda: (loss(), loss()), "step": lambda: plain.step(next(counter), loss),
+                               "fused": lambda: joint.step(next(counter), loss)}, repeats, device)
+    finally:
+        fused.remove()
+        params.theta.copy_(theta0)
+        params.restore()
+    pair, step, fstep = (statistics.median(t[k]) for k in ("pair", "step", "fused"))
+    return {"forward_ms": pair / 2 * 1000, "step_ms": step * 1000, "fused_step_ms": fstep * 1000,
+            "step_over_two_forwards": step / pair, "fused_over_two_forwards": fstep / pair,
+            "fused_over_step": fstep / step, "tokens_per_s": batch * seq_len / step,
+            "fused_tokens_per_s": batch * seq_len / fstep, "trainable": params.numel, "batch": batch, "seq_len": seq_len,
+            "repeats": repeats, **memory_report(device)}
 
 
 def bench(model: nn.Module, mask: Mask, batch: int = 16, seq_len: int = 256, repeats: int = 10,
           eps: float = 1e-2, dist: str = "gaussian", baseline: str | None = None) -> dict[str, Any]:
     """Time a sparsezo ZO step (and optionally MeZO's reference step) against two forwards."""
     device = next(model.parameters()).device
+    start_memory_tracking()  # peak anonymous memory from here on (the CLI starts it before loading)
     b = synthetic_batch(model, batch, seq_len)
     loss = lambda: batch_loss(model, b)  # noqa: E731
     params = TrainableParams(model, mask)
@@ -71,7 +109,7 @@ def bench(model: nn.Module, mask: Mask, batch: int = 16, seq_len: int = 256, rep
     _sync(device)
     perturb_s = time.perf_counter() - t
     out = _summary(steps, pairs, batch * seq_len)
-    out.update(perturb_ms=perturb_s * 1000, peak_memory_bytes=peak_memory_bytes(device), trainable=params.numel,
+    out.update(perturb_ms=perturb_s * 1000, **memory_report(device), trainable=params.numel,
                batch=batch, seq_len=seq_len, device=str(device), dtype=str(params.dtype).removeprefix("torch."))
     if baseline == "mezo":
         ref = MeZOReference(params, eps, 1e-9)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from tqdm import tqdm
 
 from .errors import SparseZOError
 from .generation import generate
@@ -18,13 +19,19 @@ from .tasks import Example, Task
 
 
 def evaluate(model: nn.Module, tokenizer, task: Task | None, examples: list[Example], batch_size: int = 32,
-             max_new_tokens: int = 50, progress=None) -> dict[str, Any]:
+             max_new_tokens: int = 50, progress=None, desc: str | None = None) -> dict[str, Any]:
     """``{"metric": name, "value": main metric, "n": examples, <each metric>: value}``.
 
     ``task=None`` means classification (candidate accuracy), for callers without a Task.
+    ``desc`` shows a progress bar of its own on stderr (examples, with ETA) under that name:
+    a long evaluation (a 16-shot test set takes minutes) must not look like a hang. A caller
+    that counts progress itself passes its bar as ``progress`` instead.
     """
     if not examples:
         raise SparseZOError("nothing to evaluate: the split is empty; raise --num-test/--num-dev")
+    if desc is not None and progress is None:
+        with tqdm(total=len(examples), desc=desc, unit="ex", leave=False, dynamic_ncols=True) as bar:
+            return evaluate(model, tokenizer, task, examples, batch_size, max_new_tokens, progress=bar)
     if task is None or task.kind == "classification":
         preds = predict(model, tokenizer, examples, batch_size, progress=progress).tolist()
         acc = accuracy(preds, [e.gold for e in examples])

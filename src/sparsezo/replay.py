@@ -11,14 +11,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .checkpoint import Delta
 from .errors import SparseZOError
 from .masks import Mask
 from .zo import TrainableParams, Trajectory, ZOConfig
 
 
-def replay_params(model, mask: Mask, trajectory: Trajectory) -> TrainableParams:
-    """θ of ``mask`` on ``model`` after the trajectory's steps up to its selected (best) step."""
+def replay_params(model, mask: Mask, trajectory: Trajectory, progress: bool = True) -> TrainableParams:
+    """θ of ``mask`` on ``model`` after the trajectory's steps up to its selected (best) step.
+
+    ``progress`` shows a step bar on stderr (with ETA).
+    """
     meta = trajectory.meta
     if meta.get("mask_digest") and mask.digest() != meta["mask_digest"]:
         raise SparseZOError(f"the mask ({mask.rule}, digest {mask.digest()}) is not the one this trajectory was "
@@ -27,7 +32,9 @@ def replay_params(model, mask: Mask, trajectory: Trajectory) -> TrainableParams:
     if meta.get("dtype") and str(params.dtype).removeprefix("torch.") != meta["dtype"]:
         raise SparseZOError(f"the trajectory was trained in {meta['dtype']}, the model is loaded in {params.dtype}; "
                             f"replay with --dtype {meta['dtype']}")
-    trajectory.replay(params, ZOConfig(**meta["zo"]), meta.get("best_step", len(trajectory)))
+    steps = meta.get("best_step", len(trajectory))
+    with tqdm(total=steps, desc="replay", unit="step", leave=False, dynamic_ncols=True, disable=not progress) as bar:
+        trajectory.replay(params, ZOConfig(**meta["zo"]), steps, progress=bar)
     return params
 
 
@@ -45,13 +52,13 @@ def run_files(run_dir: str | os.PathLike | None, mask: str | None, trajectory: s
     return paths[0], paths[1]
 
 
-def replayed_delta(model, mask: Mask, trajectory: Trajectory) -> Delta:
+def replayed_delta(model, mask: Mask, trajectory: Trajectory, progress: bool = True) -> Delta:
     """The delta the trajectory's run saved, rebuilt (same values, same header, same bytes).
 
     ``model`` is handed back as it came (the base), so the delta can then be applied to it.
     """
     base = TrainableParams(model, mask).theta.clone()
-    params = replay_params(model, mask, trajectory)
+    params = replay_params(model, mask, trajectory, progress)
     delta = Delta.from_params(params, trajectory.meta.get("delta_meta", {}))
     params.theta.copy_(base)
     params.restore()

@@ -15,7 +15,8 @@ import torch
 
 from ..errors import SparseZOError
 from ..io import atomic_path
-from .base import Mask, exact_count, numel
+from .base import Mask, numel
+from .topk import TopK
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
@@ -84,16 +85,15 @@ DEFAULT_MASS_DENSITIES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def fisher_mass(scores: dict[str, torch.Tensor], densities=DEFAULT_MASS_DENSITIES) -> dict[str, float]:
-    """Share of the total score held by the top ``d`` fraction of entries, for each density ``d``."""
-    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
-    total = flat.double().sum().item()
-    if total <= 0:
-        raise SparseZOError("all scores are zero; the calibration data produced no gradient")
-    out = {}
-    for d in densities:
-        k = exact_count(d, flat.numel())
-        out[f"{d:g}"] = torch.topk(flat, k, sorted=False).values.double().sum().item() / total
-    return out
+    """Share of the total score held by the top ``d`` fraction of entries, for each density ``d``.
+
+    Computed by the same streaming top-k as the ``sensitive`` rule, so ``mask compute`` and
+    ``mask mass`` report identical figures for the same scores.
+    """
+    top = TopK({n: s.numel() for n, s in scores.items()}, min(densities), "global", tuple(densities), pool_limit=2**62)
+    for name, s in scores.items():
+        top.offer(name, s)
+    return top.mass()
 
 
 def plot_layer_density(mask: Mask, path: str | Path) -> None:

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from ..errors import SparseZOError
-from ..io import load_tensors, save_tensors
+from ..io import check_indices, json_field, load_tensors, save_tensors
 from ..models import check_fingerprint
+from .topk import TopK, exact_count  # noqa: F401 (exact_count is part of this module's API)
 
 FORMAT = "sparsezo.mask/1"
 
@@ -70,24 +71,37 @@ class Mask:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Mask":
-        """Read and validate a mask file (shapes, index range, sortedness)."""
+        """Read and validate a mask file: header fields, index dtype/rank/range/order/uniqueness, a non-empty set.
+
+        A mask file is user input; what it selects is trained, so nothing in it is coerced
+        (float indices truncated, duplicates kept) or accepted empty.
+        """
         tensors, meta = load_tensors(path, "mask")
+        where = f"mask file {path}"
         if meta.get("format") != FORMAT:
-            raise SparseZOError(f"mask file {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-        shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
-        full = set(meta.get("full_tensors", []))
+            raise SparseZOError(f"{where} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        shapes = shapes_from_meta(meta, where)
+        full = json_field(meta, "full_tensors", list, where, optional=True) or []
+        unknown = sorted({str(n) for n in full} - set(shapes)) + sorted(set(tensors) - set(shapes))
+        if unknown:
+            raise SparseZOError(f"{where} names tensor(s) {unknown[:3]} that are not in its shapes; the file is corrupt")
         indices: dict[str, torch.Tensor | None] = {}
         for name in shapes:  # metadata order = model order
             if name in full:
                 indices[name] = None
                 continue
             if name not in tensors:
-                raise SparseZOError(f"mask file {path} lacks indices for {name}; the file is corrupt, re-create it")
-            idx = tensors[name].to(torch.int64)
-            if idx.numel() and (idx[0] < 0 or idx[-1] >= numel(shapes[name]) or (idx[1:] <= idx[:-1]).any()):
-                raise SparseZOError(f"mask file {path}: indices of {name} are out of range or unsorted; re-create it")
-            indices[name] = idx
-        return cls(indices, shapes, {k: v for k, v in meta.items() if k not in ("shapes", "full_tensors", "format")})
+                raise SparseZOError(f"{where} lacks indices for {name}; the file is corrupt, re-create it")
+            indices[name] = check_indices(tensors[name], numel(shapes[name]), f"{where}: {name}")
+        mask = cls(indices, shapes, {k: v for k, v in meta.items() if k not in ("shapes", "full_tensors", "format")})
+        if mask.num_trainable == 0:
+            raise SparseZOError(f"{where} selects 0 trainable entries: nothing would train; recompute it with a "
+                                "larger --density")
+        recorded = mask.meta.get("num_trainable")
+        if recorded is not None and recorded != mask.num_trainable:
+            raise SparseZOError(f"{where} holds {mask.num_trainable} entries, its header says {recorded}; "
+                                "the file was altered, re-create it")
+        return mask
 
     def check_model(self, model: nn.Module, what: str = "mask") -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """Where each masked tensor's trainable entries live in ``model``, or an error naming the mismatch.
@@ -133,8 +147,24 @@ class MaskContext:
     calib_tokens: int = 32768
     seq_len: int = 256
     micro_batch: int = 8
+    memory_limit: int | None = None  # bytes the Fisher computation may use (None: what is available)
+    score_memory: int | None = None  # bytes for Fisher score buffers (None: what memory_limit leaves)
     info: dict[str, Any] = field(default_factory=dict)  # provenance rules record (saved with the mask)
     stats: dict[str, Any] = field(default_factory=dict)  # timings rules record (reported, not saved)
+
+
+def shapes_from_meta(meta: dict[str, Any], where: str) -> dict[str, tuple[int, ...]]:
+    """The ``shapes`` field of a mask/delta header ({name: [dims]}), checked: non-negative int dims."""
+    shapes = json_field(meta, "shapes", dict, where)
+    if not shapes:
+        raise SparseZOError(f"{where}: field 'shapes' is empty; the file is corrupt, re-create it")
+    out = {}
+    for name, dims in shapes.items():
+        if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in dims):
+            raise SparseZOError(f"{where}: shape of {name} is {dims!r:.60}, expected a list of sizes; re-create the file")
+        out[name] = tuple(dims)
+    return out
 
 
 def index_dtype(shape: tuple[int, ...] | list[int]) -> torch.dtype:
@@ -149,40 +179,13 @@ def numel(shape: tuple[int, ...] | list[int]) -> int:
     return n
 
 
-def exact_count(density: float, n: int) -> int:
-    """Number of entries a density selects from ``n``: round(density × n), at least 1."""
-    if not 0.0 < density <= 1.0:
-        raise SparseZOError(f"density {density} is outside (0, 1]; pass e.g. --density 0.001 for 0.1%")
-    return max(1, min(n, round(density * n)))
-
-
 def select_top(scores: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, torch.Tensor]:
     """Sorted flat indices of the highest scores: k = round(density × N) globally, or per tensor.
 
-    Global selection never sorts all scores at once: each tensor contributes its own top-k
-    candidates, the k-th largest candidate is the threshold, and ties at the threshold are
-    broken deterministically (model order, then index order) so the count is exact.
+    Exact count, ties broken by model order then index order (see :mod:`.topk`); global
+    selection never sorts all scores at once.
     """
-    if scope == "per-tensor":
-        out = {}
-        for name, s in scores.items():
-            k = exact_count(density, s.numel())
-            out[name] = torch.topk(s.reshape(-1), k, sorted=False).indices.sort().values
-        return out
-    if scope != "global":
-        raise SparseZOError(f"unknown scope {scope!r}; choose global or per-tensor")
-    total = sum(s.numel() for s in scores.values())
-    k = exact_count(density, total)
-    cands = torch.cat([torch.topk(s.reshape(-1), min(k, s.numel()), sorted=False).values for s in scores.values()])
-    tau = torch.topk(cands, k, sorted=False).values.min()
-    out, taken = {}, 0
-    above = {name: (s.reshape(-1) > tau).nonzero().squeeze(1) for name, s in scores.items()}
-    budget_ties = k - sum(a.numel() for a in above.values())
+    top = TopK({n: s.numel() for n, s in scores.items()}, density, scope)
     for name, s in scores.items():
-        idx = above[name]
-        if budget_ties > taken:
-            ties = (s.reshape(-1) == tau).nonzero().squeeze(1)[: budget_ties - taken]
-            taken += ties.numel()
-            idx = torch.cat([idx, ties]).sort().values
-        out[name] = idx
-    return out
+        top.offer(name, s)
+    return top.indices()

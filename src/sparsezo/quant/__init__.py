@@ -5,28 +5,69 @@ Three ways to get a quantized model, all giving the same layers:
   computed on the full-precision weights);
 - :func:`load_quantized`: streaming from a Hugging Face safetensors folder, one tensor at a time,
   so the full-precision model never exists whole in memory (peak ≈ quantized model + one tensor);
-- :func:`load_quantized_folder`: a folder written by :func:`save_quantized` (no re-quantization).
+- :func:`load_quantized_folder`: a folder written by :func:`save_quantized` or
+  :func:`quantize_folder` (no re-quantization).
+
+:func:`quantize_folder` writes a quantized folder straight from a checkpoint, tensor by tensor,
+without ever holding the model (peak ≈ one output shard + one tensor): what ``sparsezo quantize``
+does with a mask file. Folders are sharded like Hugging Face checkpoints.
+
+Two 4-bit formats share every function here (``quant=``): ``nf4`` (:class:`NF4Linear`,
+bitsandbytes, CUDA and CPU) and ``int4`` (:class:`Int4Linear`, PyTorch's int4 kernels, fast
+on CPU). The folder's ``sparsezo_quant.json`` names which one it holds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 from ..errors import SparseZOError
 from ..io import atomic_dir
 from ..masks import Mask
+from ..shards import SHARD_BYTES, ShardWriter, iter_tensors, tensor_shapes
+from .int4 import GROUP, Int4Linear
 from .nf4 import NF4Linear
+
+log = logging.getLogger(__name__)
 
 QUANT_FILE = "sparsezo_quant.json"
 FORMAT = "sparsezo.nf4/1"
-QUANT_TYPES = ("nf4",)
+FORMATS = {"nf4": FORMAT, "int4": "sparsezo.int4/1"}
+QUANT_TYPES = tuple(FORMATS)
+QUANT_LAYERS = (NF4Linear, Int4Linear)  # isinstance() of "a 4-bit layer" (export, fingerprints, masks)
+
+
+def new_layer(quant: str, in_features: int, out_features: int, dtype: torch.dtype, k: int, bias: bool,
+              nested: bool = True) -> nn.Module:
+    """An empty 4-bit layer of kind ``quant`` (``nested``: NF4's double quantization)."""
+    if quant == "nf4":
+        return NF4Linear(in_features, out_features, dtype, k, nested, bias)
+    if quant == "int4":
+        return Int4Linear(in_features, out_features, dtype, k, GROUP, bias)
+    raise SparseZOError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
+
+
+def layer_bytes(quant: str, numel: int, k: int) -> int:
+    """Bytes a 4-bit layer of ``numel`` weights with ``k`` exact entries holds (bf16 compute dtype)."""
+    if quant == "int4":  # codes + bf16 scale and zero per group + index, value and 4-bit value per entry
+        return numel // 2 + numel // GROUP * 4 + 14 * k
+    return numel // 2 + numel // 64 + 10 * k
+
+
+def _from_linear(quant: str, weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor | None,
+                 dtype: torch.dtype, nested: bool) -> nn.Module:
+    if quant == "nf4":
+        return NF4Linear.from_linear(weight, bias, idx, dtype, nested)
+    if quant == "int4":
+        return Int4Linear.from_linear(weight, bias, idx, dtype, GROUP)
+    raise SparseZOError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
 
 
 def _module_name(weight_name: str) -> str:
@@ -41,8 +82,8 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mask: Mask | None = None, nested: bool = True) -> nn.Module:
-    """Replace every linear the mask covers by an :class:`NF4Linear` keeping the masked entries exact.
+def quantize_model(model: nn.Module, mask: Mask | None = None, nested: bool = True, quant: str = "nf4") -> nn.Module:
+    """Replace every linear the mask covers by a 4-bit layer (``quant``) keeping the masked entries exact.
 
     Without a mask, every eligible linear is quantized with no exact entries (a plain 4-bit base).
     """
@@ -58,19 +99,20 @@ def quantize_model(model: nn.Module, mask: Mask | None = None, nested: bool = Tr
         lin = model.get_submodule(_module_name(wname))
         if not isinstance(lin, nn.Linear):
             raise SparseZOError(f"{wname} belongs to a {type(lin).__name__}, not a Linear layer; it cannot be quantized")
-        _swap(model, _module_name(wname), NF4Linear.from_linear(lin.weight, lin.bias, idx, lin.weight.dtype, nested))
+        _swap(model, _module_name(wname), _from_linear(quant, lin.weight, lin.bias, idx, lin.weight.dtype, nested))
     model.sparsezo_quant = {"mask": mask.meta}
     return model
 
 
-def _shells(model: nn.Module, mask: Mask, dtype: torch.dtype, nested: bool, has_bias: set[str]) -> dict[str, NF4Linear]:
+def _shells(model: nn.Module, mask: Mask, dtype: torch.dtype, nested: bool, has_bias: set[str],
+            quant: str) -> dict[str, nn.Module]:
     shells = {}
     for wname, idx in mask.indices.items():
         if idx is None:
             raise SparseZOError("full ZO trains every weight, so nothing can be quantized; use a sparse mask with --quant")
         mname = _module_name(wname)
         out_f, in_f = mask.shapes[wname]
-        shells[wname] = NF4Linear(in_f, out_f, dtype, idx.numel(), nested, f"{mname}.bias" in has_bias)
+        shells[wname] = new_layer(quant, in_f, out_f, dtype, idx.numel(), f"{mname}.bias" in has_bias, nested)
         shells[wname].idx.copy_(idx)
         _swap(model, mname, shells[wname])
     return shells
@@ -96,13 +138,6 @@ def _finish(model: nn.Module, folder: Path) -> nn.Module:
     return model
 
 
-def _checkpoint_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SparseZOError(f"no *.safetensors weights in {folder}; --quant loads safetensors checkpoints only")
-    return files
-
-
 def _set_dense(model: nn.Module, key: str, value: torch.Tensor) -> None:
     mname, _, pname = key.rpartition(".")
     module = model.get_submodule(mname) if mname else model
@@ -114,29 +149,39 @@ def _set_dense(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise SparseZOError(f"checkpoint tensor {key} matches no parameter of the model; is it the right folder?")
 
 
+def _known(model: nn.Module, key: str) -> bool:
+    """Whether a checkpoint tensor has a place in the model; others (e.g. the rotary ``inv_freq`` old
+    checkpoints carry) are skipped with a note, as transformers does."""
+    mname, _, pname = key.rpartition(".")
+    try:
+        module = model.get_submodule(mname) if mname else model
+    except AttributeError:
+        module = None
+    if module is None or (pname not in module._parameters and pname not in module._buffers):
+        log.warning("checkpoint tensor %s has no place in the model; skipped", key)
+        return False
+    return True
+
+
 @torch.no_grad()
 def load_quantized(folder: str | os.PathLike, mask: Mask, dtype: torch.dtype = torch.bfloat16,
-                   nested: bool = True) -> nn.Module:
+                   nested: bool = True, quant: str = "nf4") -> nn.Module:
     """Load an HF safetensors checkpoint, quantizing the mask's linears while streaming.
 
     Each tensor is read, cast or quantized, and dropped before the next one is read.
     """
     folder = Path(folder)
-    files = _checkpoint_files(folder)
-    keys = {k for f in files for k in safe_open(str(f), framework="pt").keys()}
+    keys = set(tensor_shapes(folder))
     model = _skeleton(folder, dtype)
-    shells = _shells(model, mask, dtype, nested, keys)
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                t = st.get_tensor(key)
-                if key in shells:
-                    shells[key].quantize_(t, None)
-                elif key.endswith(".bias") and f"{key[:-5]}.weight" in shells:
-                    shells[f"{key[:-5]}.weight"].bias.data.copy_(t.to(dtype))
-                else:
-                    _set_dense(model, key, t.to(dtype))
-                del t
+    shells = _shells(model, mask, dtype, nested, keys, quant)
+    for key, t in tqdm(iter_tensors(folder), total=len(keys), desc="load+quantize", unit="tensor", leave=False):
+        if key in shells:
+            shells[key].quantize_(t, None)
+        elif key.endswith(".bias") and f"{key[:-5]}.weight" in shells:
+            shells[f"{key[:-5]}.weight"].bias.data.copy_(t.to(dtype))
+        elif _known(model, key):
+            _set_dense(model, key, t.to(dtype))
+        del t
     model.sparsezo_quant = {"mask": mask.meta}
     return _finish(model, folder)
 
@@ -149,19 +194,81 @@ def save_quantized(model: nn.Module, tokenizer, folder: str | os.PathLike, mask:
             continue
         seen.add(v.data_ptr())
         tensors[k] = v.contiguous()
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
-    record = {"format": FORMAT, "quant_type": "nf4", "blocksize": 64,
-              "dtype": str(next(iter(layers.values())).dtype).removeprefix("torch."),
-              "nested": next(iter(layers.values())).nested,
-              "layers": {n: {"shape": [m.out_features, m.in_features], "k": m.idx.numel(), "bias": m.bias is not None}
-                         for n, m in layers.items()},
-              "mask": mask.meta}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
+    first = next(iter(layers.values()))
     with atomic_dir(folder) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / QUANT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        writer = ShardWriter(tmp)
+        for k, v in tensors.items():
+            writer.add(k, v)
+        writer.close()
+        _write_record(tmp, {n: _layer_info(m, m.bias is not None) for n, m in layers.items()}, first.dtype,
+                      getattr(first, "nested", False), mask, _kind(first))
+
+
+def _kind(layer: nn.Module) -> str:
+    return "int4" if isinstance(layer, Int4Linear) else "nf4"
+
+
+def _layer_info(m: nn.Module, bias: bool) -> dict:
+    return {"shape": [m.out_features, m.in_features], "k": m.idx.numel(), "bias": bias}
+
+
+def _write_record(folder: Path, layers: dict[str, dict], dtype: torch.dtype, nested: bool, mask: Mask,
+                  quant: str) -> None:
+    record = {"format": FORMATS[quant], "quant_type": quant, "blocksize": 64 if quant == "nf4" else GROUP,
+              "dtype": str(dtype).removeprefix("torch."), "nested": nested, "layers": layers, "mask": mask.meta}
+    (folder / QUANT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+@torch.no_grad()
+def quantize_folder(src: str | os.PathLike, mask: Mask, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                    nested: bool = True, shard_bytes: int = SHARD_BYTES, quant: str = "nf4") -> dict[str, int]:
+    """Write the quantized folder of checkpoint ``src`` around ``mask`` without loading the model.
+
+    Each tensor is read (an mmap view), quantized or cast, and handed to a shard writer; at
+    most one output shard and one tensor are in memory. Gives the same tensors as
+    :func:`save_quantized` of :func:`load_quantized` (tested byte for byte).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    src = Path(src)
+    if mask.is_full:
+        raise SparseZOError("full ZO trains every weight, so nothing can be quantized; use a sparse mask with --quant")
+    shapes = tensor_shapes(src)
+    skeleton = _skeleton(src, dtype)  # meta device: names and shapes only, to check the mask against
+    for wname, shape in mask.shapes.items():
+        if wname not in shapes:
+            raise SparseZOError(f"the mask names {wname}, which the checkpoint in {src} does not have; "
+                                "it was made for another model")
+        if tuple(shapes[wname][0]) != tuple(shape):
+            raise SparseZOError(f"the mask expects {wname} of shape {tuple(shape)}, the checkpoint has {shapes[wname][0]}")
+        _module_name(wname)
+    layers: dict[str, dict] = {}
+    sizes = {"quantized": 0, "dense": 0}
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, shard_bytes)
+        for key, t in tqdm(iter_tensors(src), total=len(shapes), desc="quantize", unit="tensor", leave=False):
+            if key in mask.indices:
+                mname = _module_name(key)
+                layer = _from_linear(quant, t, None, mask.indices[key], dtype, nested)
+                for bname, b in layer.named_buffers():
+                    writer.add(f"{mname}.{bname}", b)
+                    sizes["quantized"] += b.numel() * b.element_size()
+                layers[mname] = _layer_info(layer, f"{mname}.bias" in shapes)
+            elif _known(skeleton, key):
+                writer.add(key, t.to(dtype))
+                sizes["dense"] += t.numel() * dtype.itemsize
+            del t
+        writer.close()
+        config = AutoConfig.from_pretrained(src)
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        _write_record(tmp, layers, dtype, nested and quant == "nf4", mask, quant)
+    return dict(sizes, total=sizes["quantized"] + sizes["dense"])
 
 
 def is_quantized_folder(folder: str | os.PathLike) -> bool:
@@ -172,36 +279,37 @@ def is_quantized_folder(folder: str | os.PathLike) -> bool:
 def load_quantized_folder(folder: str | os.PathLike) -> nn.Module:
     """Load a folder written by :func:`save_quantized`."""
     folder = Path(folder)
-    for need in ("config.json", QUANT_FILE, "model.safetensors"):
+    for need in ("config.json", QUANT_FILE):
         if not (folder / need).is_file():
             raise SparseZOError(f"quantized model folder {folder} lacks {need}; re-create it with save_quantized")
     try:
         record = json.loads((folder / QUANT_FILE).read_text())
     except json.JSONDecodeError as e:
         raise SparseZOError(f"{folder / QUANT_FILE} is not valid JSON ({e}); re-create the folder") from e
-    if record.get("format") != FORMAT:
-        raise SparseZOError(f"{folder / QUANT_FILE} has format {record.get('format')!r}, expected {FORMAT!r}")
+    quant = record.get("quant_type", "nf4")
+    if quant not in FORMATS or record.get("format") != FORMATS[quant] or (quant == "int4" and record.get("blocksize") != GROUP):
+        raise SparseZOError(f"{folder / QUANT_FILE} has format {record.get('format')!r} ({quant}, block "
+                            f"{record.get('blocksize')}), expected one of {sorted(FORMATS.values())} (int4 with groups of "
+                            f"{GROUP}); re-create the folder with sparsezo quantize")
     dtype = getattr(torch, record["dtype"])
     model = _skeleton(folder, dtype)
     for name, info in record["layers"].items():
         out_f, in_f = info["shape"]
-        _swap(model, name, NF4Linear(in_f, out_f, dtype, info["k"], record["nested"], info["bias"]))
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as st:
-        for key in st.keys():
-            t = st.get_tensor(key)
-            mname, _, pname = key.rpartition(".")
-            module = model.get_submodule(mname)
-            if isinstance(module, NF4Linear) and pname != "bias":
-                getattr(module, pname).copy_(t)
-            else:
-                _set_dense(model, key, t)
+        _swap(model, name, new_layer(quant, in_f, out_f, dtype, info["k"], info["bias"], record["nested"]))
+    for key, t in iter_tensors(folder):
+        mname, _, pname = key.rpartition(".")
+        module = model.get_submodule(mname)
+        if isinstance(module, QUANT_LAYERS) and pname != "bias":
+            getattr(module, pname).copy_(t)
+        else:
+            _set_dense(model, key, t)
     model.sparsezo_quant = record
     return _finish(model, folder)
 
 
 def quantized_mask(model: nn.Module) -> Mask | None:
     """The mask a quantized model was built with (its 4-bit layers' exact entries), or None."""
-    layers = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    layers = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
     if not layers:
         return None
     record = getattr(model, "sparsezo_quant", {})
@@ -219,12 +327,12 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
             if t is None or t.data_ptr() in seen:
                 continue
             seen.add(t.data_ptr())
-            if isinstance(m, NF4Linear):
+            if isinstance(m, QUANT_LAYERS):
                 quant += t.numel() * t.element_size()
             else:
                 dense += t.numel() * t.element_size()
     return {"quantized": quant, "dense": dense, "total": quant + dense}
 
 
-__all__ = ["NF4Linear", "QUANT_TYPES", "is_quantized_folder", "load_quantized", "load_quantized_folder",
-           "quantize_model", "quantized_mask", "save_quantized", "weight_bytes"]
+__all__ = ["Int4Linear", "NF4Linear", "QUANT_LAYERS", "QUANT_TYPES", "layer_bytes", "new_layer", "is_quantized_folder", "load_quantized", "load_quantized_folder",
+           "quantize_folder", "quantize_model", "quantized_mask", "save_quantized", "weight_bytes"]

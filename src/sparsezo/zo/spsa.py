@@ -26,6 +26,7 @@ from .optim import OPTIMIZERS, lr_at
 from .trainable import TrainableParams
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeders accept 0 .. 2**32-1 everywhere the run seed goes
 DIRECTIONS = ("applied", "sampled")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -48,10 +49,17 @@ class ZOConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        """Every setting in its range, finite where it is a float (inf/nan pass a ``> 0`` test or slip through)."""
+        finite = all(math.isfinite(v) for v in (self.lr, self.eps, self.weight_decay, self.beta1, self.beta2))
         checks = [
+            (finite, f"--lr, --eps and --weight-decay must be finite numbers, got {self.lr}, {self.eps}, "
+                     f"{self.weight_decay}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.eps > 0, f"--eps must be > 0, got {self.eps}"),
             (self.q >= 1, f"--q must be >= 1, got {self.q}"),
+            (self.warmup >= 0, f"--warmup must be >= 0 steps, got {self.warmup}"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be in 0 .. {MAX_SEED}, got {self.seed}"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}"),
             (self.dist in DISTRIBUTIONS, f"--dist must be one of {DISTRIBUTIONS}, got {self.dist!r}"),
             (self.direction in DIRECTIONS, f"--direction must be one of {DIRECTIONS}, got {self.direction!r}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
@@ -77,9 +85,12 @@ class StepRecord:
 class ZOEngine:
     """Runs ZO steps on a trainable set; holds the optimiser state."""
 
-    def __init__(self, params: TrainableParams, cfg: ZOConfig, total_steps: int, cache_bytes: int = 1 << 30):
+    def __init__(self, params: TrainableParams, cfg: ZOConfig, total_steps: int, cache_bytes: int = 1 << 30,
+                 fused=None):
         cfg.validate()
         self.params, self.cfg, self.total_steps = params, cfg, total_steps
+        # a FusedPM (zo/fused.py): L+ and L− from one stacked forward when the loss offers ``pair()``
+        self.fused = fused
         self.opt = OPTIMIZERS[cfg.optimizer](
             params.numel, params.theta.device, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2
         )
@@ -103,7 +114,16 @@ class ZOEngine:
             self.params.write(self.params.theta[s:e] + scale * self.noise(seed, s, e), s)
 
     def perturbed_losses(self, seed: int, loss_fn: Callable[[], float]) -> tuple[float, float]:
-        """L(θ+εz) and L(θ−εz); the weights are left perturbed (call ``params.restore``)."""
+        """L(θ+εz) and L(θ−εz); the weights are left perturbed (call ``params.restore``).
+
+        With a fused engine and a loss that has ``pair()``, both come from one forward over the
+        stacked batch, the weights untouched (see zo/fused.py); the same cast values are applied.
+        """
+        if self.fused is not None and hasattr(loss_fn, "pair"):
+            eps, theta = self.cfg.eps, self.params.theta
+            z = torch.cat([self.noise(seed, s, e) for s, e in self.params.blocks()])
+            return self.fused.losses((theta + eps * z).to(self.params.dtype), (theta - eps * z).to(self.params.dtype),
+                                     loss_fn.pair)
         self._perturb(seed, self.cfg.eps)
         lp = loss_fn()
         self._perturb(seed, -self.cfg.eps)
@@ -119,14 +139,24 @@ class ZOEngine:
         return (self.params.rounded(theta + eps * z) - self.params.rounded(theta - eps * z)) / (2 * eps)
 
     def apply(self, step: int, seeds: list[int], grads: list[float], lr: float) -> None:
-        """θ ← optimizer(θ, mean_i g_i d_i), then write θ into the weights. Used by replay too."""
+        """θ ← optimizer(θ, mean_i g_i d_i), then write θ into the weights. Used by replay too.
+
+        Raises :class:`SparseZOError` when θ leaves the finite floats: a bounded loss (``acc``)
+        stays finite while θ overflows, so the loss check alone would let a NaN delta be saved.
+        θ is then unusable; the caller stops (training keeps its last checkpoint).
+        """
         q = len(seeds)
+        finite = True
         for s, e in self.params.blocks():
             grad = torch.mul(self.direction(seeds[0], s, e), grads[0] / q)  # = 0 + the first term, one pass less
             for seed, g in zip(seeds[1:], grads[1:]):
                 grad.add_(self.direction(seed, s, e), alpha=g / q)
             self.opt.update_(self.params.theta[s:e], grad, s, e, lr, step)
+            finite = finite and bool(torch.isfinite(self.params.theta[s:e]).all())
         self._z.clear()
+        if not finite:
+            raise SparseZOError(f"the trainable weights became NaN or infinite at step {step} (lr {lr:g}, projected "
+                                f"gradient(s) {', '.join(f'{g:.3g}' for g in grads)}): the update diverged; lower --lr")
         self.params.restore()
 
     def step(self, step: int, loss_fn: Callable[[], float]) -> StepRecord:
@@ -153,6 +183,10 @@ class ZOEngine:
                     f"loss became non-finite at step {step} (L+={lp}, L-={lm}); lower --lr or --eps and retry"
                 )
         grads = [(lp - lm) / (2 * self.cfg.eps) for lp, lm in zip(lps, lms)]
+        if not all(math.isfinite(g) for g in grads):  # finite losses over a tiny eps can still overflow
+            self._z.clear()
+            self.params.restore()
+            raise SparseZOError(f"the projected gradient overflowed at step {step} ({grads}); raise --eps")
         losses = [0.5 * (lp + lm) for lp, lm in zip(lps, lms)]
         lr = lr_at(self.cfg.schedule, self.cfg.lr, step, self.total_steps, self.cfg.warmup)
         self.apply(step, seeds, grads, lr)

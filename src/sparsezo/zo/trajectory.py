@@ -12,13 +12,13 @@ Gradients and learning rates are float64 because that is what the update compute
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from ..errors import SparseZOError
-from ..io import load_tensors, save_tensors
+from ..io import check_values, json_field, load_tensors, save_tensors
 from .spsa import StepRecord, ZOConfig, ZOEngine
 from .trainable import TrainableParams
 
@@ -60,21 +60,59 @@ class Trajectory:
         save_tensors(path, self.tensors(), dict(self.meta, format=FORMAT))
 
     @classmethod
+    def checked(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> "Trajectory":
+        """A trajectory from stored tensors after validating them (``where`` names the file in errors).
+
+        Replay trusts every number here: fewer seed rows than steps, a NaN gradient or a negative
+        lr would crash it or write a NaN delta, so each is an error naming the field.
+        """
+        missing = {"seeds", "grads", "lrs"} - set(tensors)
+        if missing:
+            raise SparseZOError(f"{where} lacks {sorted(missing)}; the file is corrupt")
+        lrs = check_values(tensors["lrs"], f"{where}: lrs", (torch.float64,))
+        if lrs.dim() != 1:
+            raise SparseZOError(f"{where}: lrs has shape {list(lrs.shape)}, expected one value per step")
+        steps = lrs.numel()
+        seeds, grads = tensors["seeds"], tensors["grads"]
+        q = seeds.shape[1] if seeds.dim() == 2 else -1
+        if seeds.dtype != torch.int64 or seeds.dim() != 2 or seeds.shape[0] != steps or (steps and q < 1):
+            raise SparseZOError(f"{where}: seeds is {str(seeds.dtype).removeprefix('torch.')} {list(seeds.shape)}, "
+                                f"expected int64 [{steps} steps, q]; the file is corrupt")
+        check_values(grads, f"{where}: grads", (torch.float64,), shape=(steps, q) if steps else None)
+        if (lrs < 0).any():
+            raise SparseZOError(f"{where}: lrs holds negative learning rates; the file is corrupt")
+        if "zo" in meta:
+            zo = json_field(meta, "zo", dict, where)
+            unknown = sorted(set(zo) - {f.name for f in fields(ZOConfig)})
+            if unknown:
+                raise SparseZOError(f"{where}: zo settings have unknown key(s) {unknown}; written by another version?")
+            try:
+                ZOConfig(**zo).validate()
+            except TypeError as e:
+                raise SparseZOError(f"{where}: zo settings are malformed ({e})") from e
+        best = json_field(meta, "best_step", int, where, optional=True)
+        if best is not None and not 0 <= best <= steps:
+            raise SparseZOError(f"{where}: best_step {best} is outside 0..{steps} (the trajectory holds {steps} steps)")
+        for key in ("dtype", "mask_digest"):
+            json_field(meta, key, str, where, optional=True)
+        json_field(meta, "delta_meta", dict, where, optional=True)
+        return cls.from_tensors(tensors, meta)
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> "Trajectory":
         tensors, meta = load_tensors(path, "trajectory")
         if meta.get("format") != FORMAT:
             raise SparseZOError(f"{path} has format {meta.get('format')!r}, expected a sparsezo trajectory ({FORMAT})")
-        missing = {"seeds", "grads", "lrs"} - set(tensors)
-        if missing:
-            raise SparseZOError(f"trajectory {path} lacks {sorted(missing)}; the file is corrupt")
         meta.pop("format")
-        return cls.from_tensors(tensors, meta)
+        return cls.checked(tensors, meta, f"trajectory {path}")
 
-    def replay(self, params: TrainableParams, cfg: ZOConfig, steps: int | None = None) -> None:
+    def replay(self, params: TrainableParams, cfg: ZOConfig, steps: int | None = None, progress=None) -> None:
         """Apply the first ``steps`` (default: all) updates to ``params``, which must start at the base θ.
 
         Runs the exact update code of training (:meth:`ZOEngine.apply`), so optimiser state
         (momentum, Adam moments) is rebuilt along the way and the result is bit-identical.
+        ``progress`` (a tqdm-like object) is advanced by one per step: on a large θ (millions
+        of entries) regenerating z dominates and a replay can take minutes.
         """
         steps = len(self) if steps is None else steps
         if steps > len(self):
@@ -82,3 +120,5 @@ class Trajectory:
         engine = ZOEngine(params, cfg, max(steps, 1), cache_bytes=0)
         for t in range(steps):
             engine.apply(t, self.seeds[t], self.grads[t], self.lrs[t])
+            if progress is not None:
+                progress.update(1)

@@ -1,0 +1,173 @@
+"""GGUF round trip with the real consumers: a sparsezo fine-tune exported to GGUF, read by llama.cpp.
+
+    python benchmarks/gguf_roundtrip.py --run RUN [--types f16 q8_0 q4_0] [--out results/gguf_roundtrip.json]
+
+RUN is a finished ``sparsezo train`` run on the default model (or any llama-family base that came
+from GGUF), e.g. ``sparsezo train --task sst2 --steps 50 --num-dev 50 --num-test 200``. For each
+``--type`` the script runs ``sparsezo export --format gguf`` and measures:
+
+- file size;
+- logits on fixed prompts of the exported file in llama.cpp (llama-cpp-python) and in transformers'
+  ``gguf_file=`` loader against sparsezo's merged model (the run's base + delta in the run's dtype,
+  computed in fp32): max |Δ| and max |Δ| / max |logit|;
+- whether llama.cpp's own tokenizer gives the token ids sparsezo's tokenizer gives (the tokenizer
+  metadata is copied from the base's GGUF);
+- test accuracy of the fine-tune scored by llama.cpp on the run's own test split (sum of candidate
+  token log-probs, as sparsezo scores), next to sparsezo's, and the share of identical predictions;
+  the base's accuracy (the original GGUF file in llama.cpp, and sparsezo's base) shows what the
+  fine-tune added.
+
+Also writes the same run as a PEFT SHiRA adapter and reports its size and padding. llama-cpp-python
+compiles llama.cpp when installed (``pip install llama-cpp-python``; minutes) and so is not a test
+dependency: this script is how the llama.cpp side is verified. Prints one JSON object and writes it
+to ``--out``. Threads: ``--threads`` (default 1: the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparsezo.checkpoint import load_delta
+from sparsezo.cli import main as sparsezo
+from sparsezo.io import write_json
+from sparsezo.models import DEFAULT_MODEL, fetch_default_gguf, load_model, sparsezo_home
+from sparsezo.scoring import accuracy, encode, predict
+from sparsezo.tasks import get_task
+
+PROMPTS = ["The movie was a delight from start to finish. It was",
+           "Question: What is the capital of France?\nAnswer:",
+           "def fibonacci(n):\n    if n < 2:\n        return n\n"]
+
+
+def llama_logits(llm, ids: list[int]) -> np.ndarray:
+    """[len(ids), vocab] logits of llama.cpp for one token sequence (fresh context)."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def llama_log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def llama_accuracy(llm, encoded) -> tuple[float, list[int]]:
+    """Accuracy and predictions with llama.cpp scoring each candidate as sparsezo does (sum of token log-probs)."""
+    preds = []
+    for e in encoded:
+        scores = []
+        for cand in e.cands:
+            lp = llama_log_softmax(llama_logits(llm, e.prompt + cand))
+            n = len(e.prompt)
+            scores.append(sum(lp[n - 1 + j, t] for j, t in enumerate(cand)))
+        preds.append(int(np.argmax(scores)))
+    return sum(p == e.gold for p, e in zip(preds, encoded)) / len(encoded), preds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True, help="a finished sparsezo train run")
+    ap.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_0"])
+    ap.add_argument("--base-gguf", default=None, help="the base's original GGUF (default: the default model's)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="results/gguf_roundtrip.json")
+    ap.add_argument("--keep", default=None, help="folder to keep the exported files in (default: a temp folder)")
+    args = ap.parse_args()
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    config = json.loads((run / "config.json").read_text())
+    delta = load_delta(run)
+    base_path, dtype = delta.meta["model"], delta.meta.get("dtype", "bfloat16")
+    model, tok = load_model(base_path, dtype)
+    base_model, _ = load_model(base_path, dtype)
+    delta.apply(model)
+    ref = AutoModelForCausalLM.from_config(model.config).eval()  # the merged weights, computed in fp32
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False)
+    ref.tie_weights()
+    task = get_task(config["task"])
+    args_rec = config.get("args") or {}
+    seed, num_test = args_rec.get("seed", 0), args_rec.get("num_test", 200)
+    test = task.splits(seed, 0, 0, num_test)["test"]
+    encoded = encode(tok, test)
+    prompt_ids = [tok(p, add_special_tokens=True)["input_ids"] for p in PROMPTS]
+    with torch.no_grad():
+        ref_logits = [ref(torch.tensor([ids])).logits[0].numpy() for ids in prompt_ids]
+    scale = max(float(np.abs(x).max()) for x in ref_logits)
+    t0 = time.perf_counter()
+    sz_preds = predict(model, tok, test).tolist()
+    sz_acc = sum(p == e.gold for p, e in zip(sz_preds, encoded)) / len(encoded)
+    base_acc = accuracy(base_model, tok, test)
+    report = {
+        "run": str(run), "task": config["task"], "n_test": len(test), "base": base_path, "dtype": dtype,
+        "num_trained": delta.mask.num_trainable, "delta_bytes": (run / "delta.safetensors").stat().st_size,
+        "sparsezo": {"test_accuracy": sz_acc, "base_test_accuracy": base_acc},
+        "versions": {p: version(p) for p in ("llama_cpp_python", "gguf", "transformers", "torch", "peft")},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads}, "types": {},
+    }
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gguf-roundtrip-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    if args.base_gguf is None and Path(base_path).resolve() == (sparsezo_home() / "models" / DEFAULT_MODEL).resolve():
+        args.base_gguf = str(fetch_default_gguf(tmp))
+    if args.base_gguf:
+        llm = Llama(model_path=args.base_gguf, n_ctx=512, logits_all=True, n_threads=args.threads, verbose=False)
+        acc, _ = llama_accuracy(llm, encoded)
+        report["original_gguf"] = {"path": args.base_gguf, "bytes": Path(args.base_gguf).stat().st_size,
+                                   "llama_cpp_test_accuracy": acc}
+        del llm
+    for kind in args.types:
+        out = tmp / f"{run.name}-{kind}.gguf"
+        t = time.perf_counter()
+        assert sparsezo(["export", "--format", "gguf", "--delta", str(run), "--out", str(out), "--type", kind]) == 0
+        row = {"bytes": out.stat().st_size, "export_seconds": round(time.perf_counter() - t, 2)}
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=out.name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            err = max(float(np.abs(hf(torch.tensor([ids])).logits[0].numpy() - r).max())
+                      for ids, r in zip(prompt_ids, ref_logits))
+        row["transformers_max_abs_logit_err"] = err
+        del hf
+        llm = Llama(model_path=str(out), n_ctx=512, logits_all=True, n_threads=args.threads, verbose=False)
+        err = max(float(np.abs(llama_logits(llm, ids) - r).max()) for ids, r in zip(prompt_ids, ref_logits))
+        row["llama_cpp_max_abs_logit_err"] = err
+        row["llama_cpp_rel_logit_err"] = err / scale
+        same = [llm.tokenize(p.encode(), add_bos=False, special=False) == ids for p, ids in zip(
+            [ex.prompt for ex in test[:50]], [e.prompt for e in encoded[:50]])]
+        row["llama_cpp_tokenizer_agrees"] = sum(same) / len(same)
+        acc, preds = llama_accuracy(llm, encoded)
+        row["llama_cpp_test_accuracy"] = acc
+        row["same_predictions_as_sparsezo"] = sum(a == b for a, b in zip(preds, sz_preds)) / len(preds)
+        report["types"][kind] = row
+        del llm
+        print(f"{kind}: {row}", file=sys.stderr)
+    adapter = tmp / f"{run.name}-peft"
+    assert sparsezo(["export", "--format", "peft", "--delta", str(run), "--out", str(adapter)]) == 0
+    from safetensors.torch import load_file
+
+    from sparsezo.export_peft import supertuning_entries
+
+    shira = json.loads((adapter / "adapter_config.json").read_text())
+    stored = sum(t.numel() for t in load_file(str(adapter / "adapter_model.safetensors")).values() if t.dim() == 1)
+    report["peft_shira"] = {"bytes": (adapter / "adapter_model.safetensors").stat().st_size, "r": shira["r"],
+                            "layers": len(shira["target_modules"]), "stored_entries": stored,
+                            "padding": round(1 - delta.mask.num_trainable / stored, 4),
+                            "supertuning_entries_needed": supertuning_entries(delta)}
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(args.out, report)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

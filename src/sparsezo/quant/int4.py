@@ -1,0 +1,260 @@
+"""A frozen group-wise int4 linear layer on PyTorch's own int4 kernels; trainable entries exact.
+
+Layout: asymmetric int4 in groups of ``group`` inputs (64 by default): per (output row, group) a
+scale s and a zero z, and w = (q − 8)·s + z for a code q in 0..15 — the convention of
+``torch.ops.aten._weight_int4pack_mm_for_cpu``. Codes are stored as ``qweight`` [N, K/2] uint8
+in 32-row blocks ([N/32, K, 16] viewed as [N, K/2]: byte (b, k, d) holds rows 32b+d in the low
+and 32b+16+d in the high nibble), scales and zeros as ``scales_zeros`` [K/group, N, 2] in the
+compute dtype. That layout is fixed, so a saved folder loads on any machine; it is what
+inductor's AMX int4 micro-kernel reads directly.
+
+Forward = ``int4_mm(x) + x[:, cols] · (values − qvalues)`` scattered into the output rows: the
+4-bit matmul never sees the exact entries, and ZO only writes ``values`` (k entries). The
+correction is a gather/multiply/``index_add_`` of M × k products (at 0.1% density ≪ the
+matmul's M × N × K).
+
+Which 4-bit matmul (measured on the 2-core AMX CPU, 7B shapes, see benchmarks/README.md):
+- bf16 on CPU: inductor's WOQ-int4 AMX template, compiled once per weight shape with the token
+  count dynamic (one compiled function serves every layer of that shape; ~5-10 s each, cached
+  on disk by inductor). ATen's eager kernel re-dequantizes the weights for every 4 rows of x,
+  so it costs ~3× a dense bf16 matmul at 32 tokens, ~9× at 256; the template ~1.1×. Inductor
+  only offers the template for constant (frozen) weights, which would mean one compile per
+  layer and no writable exact values, so the weight-is-constant check is lifted while our
+  calls compile; the result of each compiled shape is checked against a dequantized reference
+  once, and any failure (no AMX, no compiler, an inductor change) falls back to the eager path.
+- other CPUs / fp32 / fallback: ``_weight_int4pack_mm_for_cpu`` on its own packing, built once
+  from ``qweight`` at first use (its layout depends on the CPU's vector width).
+- CUDA and other devices: dequantize + ``F.linear`` (no CPU op there; no code change needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import types
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SparseZOError
+
+log = logging.getLogger(__name__)
+
+GROUP = 64
+GROUPS = (32, 64, 128)
+ROWS = 32  # output rows per packed block (the AMX micro-kernel's block_n)
+
+
+def _qparams(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes q [N, K] uint8 and scale, zero [N, K/group] in ``dtype`` with w ≈ (q − 8)·s + z.
+
+    Scale and zero are rounded to ``dtype`` first and the codes chosen against the rounded
+    values; a constant group gets a tiny scale so its zero is the value itself.
+    """
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = torch.where(hi > lo, (hi - lo) / 15, torch.full_like(lo, 1e-8)).to(dtype)
+    zero = (lo + 8 * scale.float()).to(dtype)
+    q = ((g - zero.float()[..., None]) / scale.float()[..., None]).round().add_(8).clamp_(0, 15)
+    return q.to(torch.uint8).reshape(n, k), scale, zero
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes → ``qweight`` [N, K/2] in 32-row blocks (see the module docstring)."""
+    n, k = q.shape
+    t = q.reshape(n // ROWS, 2, ROWS // 2, k)
+    return (t[:, 0] | (t[:, 1] << 4)).transpose(1, 2).contiguous().reshape(n, k // 2)
+
+
+def unpack(qweight: torch.Tensor) -> torch.Tensor:
+    """``qweight`` [N, K/2] → codes [N, K] uint8 (inverse of :func:`pack`)."""
+    n, k2 = qweight.shape
+    p = qweight.reshape(n // ROWS, k2 * 2, ROWS // 2)
+    return torch.stack([p & 15, p >> 4], 1).transpose(2, 3).reshape(n, k2 * 2)
+
+
+def dequantize(qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [N, K] weight the codes stand for, (q − 8)·s + z computed in fp32, rounded once."""
+    q = unpack(qweight)
+    n, k = q.shape
+    sz = scales_zeros.float().transpose(0, 1)  # [N, K/group, 2]
+    w = (q.reshape(n, k // group, group).float() - 8) * sz[..., :1] + sz[..., 1:]
+    return w.reshape(n, k).to(dtype)
+
+
+# --- the CPU matmul ------------------------------------------------------------------------
+
+def _mm(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, qweight, group, scales_zeros)
+
+
+@contextlib.contextmanager
+def _weights_as_inputs() -> Iterator[None]:
+    """Let inductor's int4 template take a weight that is a graph input, for the calls inside."""
+    import torch._inductor.lowering  # noqa: F401 (quantized_lowerings imports need it first)
+    import torch._inductor.quantized_lowerings as ql
+    import torch._inductor.utils as iu
+
+    saved = ql.use_cpp_gemm_template
+    ql.use_cpp_gemm_template = functools.partial(iu.use_cpp_gemm_template, require_constant_mat2=False)
+    try:
+        yield
+    finally:
+        ql.use_cpp_gemm_template = saved
+
+
+_COMPILED: dict[tuple[int, int, int], Callable | None] = {}
+
+
+def _compiled(n: int, k: int, group: int) -> Callable | None:
+    """One compiled int4 matmul per weight shape (its own code object, so shapes never share a
+    recompile budget); None once it has failed here."""
+    key = (n, k, group)
+    if key not in _COMPILED:
+        code = _mm.__code__.replace(co_name=f"_int4_mm_{n}x{k}_g{group}")
+        fn = types.FunctionType(code, _mm.__globals__, code.co_name)
+        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, options={
+            "max_autotune": True, "max_autotune_gemm_backends": "CPP"})  # never ATen: it reads another layout
+    return _COMPILED[key]
+
+
+def _reference(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    return x.float() @ dequantize(qweight, scales_zeros, group, torch.float32).T
+
+
+def sparse_add_(y: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_features: int, delta: torch.Tensor) -> None:
+    """y[:, r] += Σ x[:, c] · delta over the flat entries idx = r·in + c, in place.
+
+    ``delta`` is [k] (every row of x) or [H, k] for H equal consecutive row groups of x (the ±ε
+    halves of a fused forward). Products are formed in fp32 and added in y's dtype: a gather of
+    M × k inputs and one ``index_add_``, no M × N temporary.
+    """
+    rows, cols = idx // in_features, idx % in_features
+    prod = x[:, cols].float()
+    if delta.dim() == 2:
+        prod = (prod.view(delta.shape[0], -1, idx.numel()) * delta[:, None, :]).view(x.shape[0], -1)
+    else:
+        prod = prod * delta
+    y.index_add_(1, rows, prod.to(y.dtype))
+
+
+# --- the layer -----------------------------------------------------------------------------
+
+class Int4Linear(nn.Module):
+    """``y = x @ W.T + b`` with W = int4-dequantized weight whose entries ``idx`` are ``values``."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, k: int, group: int = GROUP,
+                 bias: bool = False, device=None):
+        super().__init__()
+        if group not in GROUPS or in_features % group or out_features % ROWS:
+            raise SparseZOError(
+                f"a {out_features}x{in_features} weight does not fit int4 groups of {group} inputs and blocks of "
+                f"{ROWS} outputs (in must be a multiple of the group, out of {ROWS}; group one of {GROUPS}); "
+                "exclude that tensor from the mask (--exclude) or use --quant nf4"
+            )
+        self.in_features, self.out_features, self.dtype, self.group = in_features, out_features, dtype, group
+        n = in_features * out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_zeros", torch.empty(in_features // group, out_features, 2, dtype=dtype,
+                                                         device=device))
+        self.register_buffer("idx", torch.empty(k, dtype=torch.int64, device=device))
+        self.register_buffer("values", torch.empty(k, dtype=dtype, device=device))
+        self.register_buffer("qvalues", torch.empty(k, dtype=torch.float32, device=device))  # 4-bit w at idx
+        self.register_buffer("head", torch.empty(min(64, n), dtype=dtype, device=device))  # for model fingerprints
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._aten_pack: torch.Tensor | None = None  # the eager CPU kernel's own packing, built on first use
+
+    @classmethod
+    def from_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor | None,
+                    dtype: torch.dtype, group: int = GROUP) -> "Int4Linear":
+        """Quantize ``weight``; the entries ``idx`` keep their original values (cast to ``dtype``)."""
+        out_f, in_f = weight.shape
+        k = 0 if idx is None else idx.numel()
+        layer = cls(in_f, out_f, dtype, k, group, bias is not None, device=weight.device)
+        layer.quantize_(weight, idx)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach().to(dtype))
+        return layer
+
+    @torch.no_grad()
+    def quantize_(self, weight: torch.Tensor, idx: torch.Tensor | None) -> None:
+        """Fill this layer from a dense ``weight``; entries ``idx`` are kept exact in the compute dtype."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise SparseZOError(f"weight of shape {tuple(weight.shape)} does not fit a {self.out_features}x{self.in_features} layer")
+        w = weight.detach().to(device=self.qweight.device, dtype=self.dtype)
+        q, scale, zero = _qparams(w, self.group, self.dtype)
+        self.qweight.copy_(pack(q))
+        self.scales_zeros.copy_(torch.stack([scale, zero], -1).transpose(0, 1))
+        self._aten_pack = None
+        if idx is not None:
+            self.idx.copy_(idx.to(self.idx))
+        flat = w.reshape(-1)
+        self.values.copy_(flat[self.idx])
+        self.head.copy_(flat[: self.head.numel()])
+        rows, cols = self.idx // self.in_features, self.idx % self.in_features
+        s = self.scales_zeros[cols // self.group, rows].float()
+        self.qvalues.copy_((q[rows, cols].float() - 8) * s[:, 0] + s[:, 1])
+
+    def dequantized(self) -> torch.Tensor:
+        """The dense weight this layer stands for (dequantized codes, masked entries exact)."""
+        w = dequantize(self.qweight, self.scales_zeros, self.group, self.dtype)
+        w.view(-1).index_copy_(0, self.idx, self.values)
+        return w
+
+    def base_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, K] → [M, N]: the 4-bit matmul alone (no exact entries, no bias)."""
+        if x.device.type != "cpu":
+            return F.linear(x, dequantize(self.qweight, self.scales_zeros, self.group, x.dtype))
+        x = x.contiguous()
+        if x.dtype == torch.bfloat16 and x.shape[0] > 0:
+            y = self._amx_mm(x)
+            if y is not None:
+                return y
+        if self._aten_pack is None:
+            self._aten_pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack(self.qweight).int(), 1)
+        return _mm(x, self._aten_pack, self.scales_zeros.to(x.dtype), self.group)
+
+    def _amx_mm(self, x: torch.Tensor) -> torch.Tensor | None:
+        key = (self.out_features, self.in_features, self.group)
+        fn = _compiled(*key)
+        if fn is None:
+            return None
+        m = x.shape[0]
+        xp = torch.cat([x, x.new_zeros(1, x.shape[1])]) if m == 1 else x  # size 1 would be specialised
+        torch._dynamo.mark_dynamic(xp, 0)
+        first = not getattr(fn, "sparsezo_checked", False)
+        try:
+            with _weights_as_inputs(), torch.no_grad():
+                y = fn(xp, self.qweight, self.scales_zeros, self.group)[:m]
+            if first:
+                ref = _reference(x, self.qweight, self.scales_zeros, self.group)
+                if not (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max() + 1e-3:
+                    raise SparseZOError("compiled int4 matmul disagrees with the dequantized reference")
+                fn.sparsezo_checked = True
+            return y
+        except Exception as e:  # noqa: BLE001 — any failure of the optional compiled path means: use the eager one
+            log.info("int4 %dx%d: compiled AMX matmul unavailable here (%s: %s); using the eager kernel",
+                     key[0], key[1], type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _COMPILED[key] = None
+            return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = self.base_mm(x2)
+        if self.idx.numel():
+            sparse_add_(y, x2, self.idx, self.in_features, self.values.float() - self.qvalues)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + (
+            self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, int4 g{self.group}, trainable={self.idx.numel()}, "
+                f"dtype={self.dtype}")

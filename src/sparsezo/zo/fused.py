@@ -1,0 +1,115 @@
+"""Both perturbed forwards of a ZO step in one pass (``--fused-pm``).
+
+A step scores the same batch at θ+εz and θ−εz, and the two models differ only in the k
+trainable entries. Here the batch is stacked as [x; x] and run once with the weights at cast(θ):
+every linear holding trainable entries gets a forward hook that adds, to each half of its output,
+the sparse correction x[:, cols] · (cast(θ ± εz) − cast(θ)) (see :func:`sparse_add_`). The base
+matmul — for a 4-bit layer, reading and dequantizing its codes — runs once per step instead of
+twice, on twice the rows, which is where a batch-1 step on a big model is cheaper.
+
+The perturbation applied is exactly the unfused one (the same cast values), so the update
+direction is unchanged; L± differ from two separate forwards only by float rounding (the base
+matmul on 2M rows and the correction added after it). Replay is unaffected: it only reads the
+recorded projected gradients. Supported: sparse masks over linear weights (dense, NF4 or int4);
+:meth:`FusedPM.supports` says so before a run starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import SparseZOError
+from ..quant import QUANT_LAYERS
+from ..quant.int4 import sparse_add_
+from ..scoring import Batch, batch_loss, candidate_logprobs, loss_from_scores
+from .trainable import TrainableParams
+
+
+def doubled(b: Batch) -> Batch:
+    """The batch stacked on itself: rows, query positions and candidates of the copy shifted."""
+    rows, queries, slots = b.input_ids.shape[0], b.rows.numel(), b.gold.numel() * b.max_cands
+    two = lambda t, shift=0: torch.cat([t, t + shift])  # noqa: E731
+    return Batch(two(b.input_ids), two(b.attention_mask), two(b.position_ids), two(b.rows, rows), two(b.cols),
+                 two(b.query, queries), two(b.target), two(b.owner, slots), two(b.gold), two(b.num_cands), b.max_cands)
+
+
+class PMLoss:
+    """A step's loss function: ``loss()`` scores the batch at the weights as they are (the unfused
+    path calls it twice); ``loss.pair()`` gives (first half, second half) of one doubled forward."""
+
+    def __init__(self, model: nn.Module, batch: Batch, kind: str = "ce"):
+        self.model, self.batch, self.kind = model, batch, kind
+        self._doubled: Batch | None = None
+
+    def __call__(self) -> float:
+        return batch_loss(self.model, self.batch, self.kind)
+
+    def pair(self) -> tuple[float, float]:
+        if self._doubled is None:
+            self._doubled = doubled(self.batch)
+        scores = candidate_logprobs(self.model, self._doubled, mean=(self.kind == "lm"))
+        n = self.batch.gold.numel()
+        return loss_from_scores(scores[:n], self.batch, self.kind), loss_from_scores(scores[n:], self.batch, self.kind)
+
+
+class FusedPM:
+    """Forward hooks that add the ±ε sparse corrections to the two halves of a stacked batch."""
+
+    def __init__(self, model: nn.Module, params: TrainableParams):
+        reason = self.unsupported(model, params)
+        if reason:
+            raise SparseZOError(f"--fused-pm cannot run here: {reason}; run without --fused-pm")
+        self.params = params
+        self._delta: torch.Tensor | None = None  # [2, |θ|] fp32 while a fused forward runs
+        self._hooks = []
+        for k, name in enumerate(params.names):
+            module = model.get_submodule(name.rpartition(".")[0])
+            idx = module.idx if isinstance(module, QUANT_LAYERS) else params.indices[k]
+            s, e = params.offsets[k], params.offsets[k + 1]
+            self._hooks.append(module.register_forward_hook(self._hook(idx, module.in_features, s, e)))
+
+    @staticmethod
+    def unsupported(model: nn.Module, params: TrainableParams) -> str | None:
+        """Why the fused forward cannot serve this trainable set (None when it can)."""
+        if params.mask.is_full:
+            return "full ZO perturbs every weight, so the correction would be a dense matmul"
+        for name in params.names:
+            mname, _, pname = name.rpartition(".")
+            module = model.get_submodule(mname) if mname else model
+            if pname != "weight" or not isinstance(module, (nn.Linear, *QUANT_LAYERS)):
+                return f"{name} is not a linear layer's weight"
+        return None
+
+    @staticmethod
+    def supports(model: nn.Module, params: TrainableParams) -> bool:
+        return FusedPM.unsupported(model, params) is None
+
+    def _hook(self, idx: torch.Tensor, in_features: int, s: int, e: int) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if self._delta is None:
+                return
+            x = inputs[0].reshape(-1, in_features)
+            if x.shape[0] % 2:
+                raise SparseZOError("a fused ±ε forward needs the batch stacked on itself (an even row count)")
+            sparse_add_(output.view(x.shape[0], -1), x, idx, in_features, self._delta[:, s:e])
+        return hook
+
+    @torch.no_grad()
+    def losses(self, plus: torch.Tensor, minus: torch.Tensor, pair: Callable[[], tuple[float, float]]) -> tuple[float, float]:
+        """(L+, L−) from one ``pair()`` forward, for weights cast(θ) and perturbed entries ``plus``/``minus``
+        (the values the unfused path would write, in the compute dtype)."""
+        current = self.params.rounded(self.params.theta)
+        self._delta = torch.stack([plus.float() - current, minus.float() - current])
+        try:
+            return pair()
+        finally:
+            self._delta = None
+
+    def remove(self) -> None:
+        """Detach the hooks (the model computes as before)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()

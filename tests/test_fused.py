@@ -1,0 +1,74 @@
+"""Fused ±ε forward: L+ and L− from one pass over the stacked batch equal two separate forwards."""
+
+import pytest
+import torch
+
+from helpers import WORDS, sentences, tiny_tokenizer
+from sparsezo.bench import synthetic_batch
+from sparsezo.errors import SparseZOError
+from sparsezo.masks import compute_mask
+from sparsezo.models import tiny_llama
+from sparsezo.quant import int4, quantize_model
+from sparsezo.zo import TrainableParams, ZOConfig, ZOEngine, step_seed
+from sparsezo.zo.fused import FusedPM, PMLoss
+
+
+def _setup(dtype, quant=None, rule="random"):
+    model = tiny_llama(vocab_size=len(WORDS), hidden=64, layers=2, dtype=dtype)
+    mask = compute_mask(model, rule, 0.02, seed=1)
+    if quant:
+        quantize_model(model, mask, quant=quant)
+    return model, mask, TrainableParams(model, mask)
+
+
+@pytest.mark.parametrize("dtype,quant,tol", [(torch.float32, None, 1e-5), (torch.bfloat16, None, 2e-3),
+                                             (torch.bfloat16, "int4", 2e-3)])
+def test_fused_losses_equal_two_separate_forwards(monkeypatch, dtype, quant, tol):
+    monkeypatch.setattr(int4, "_compiled", lambda *key: None)  # eager int4 kernel: no compile in tests
+    model, mask, params = _setup(dtype, quant)
+    loss = PMLoss(model, synthetic_batch(model, 3, 10, seed=4))
+    before = loss()
+    weights = [p.clone() for p in params.storage]
+    fused = FusedPM(model, params)
+    cfg = ZOConfig(eps=1e-2)
+    for step in range(3):
+        seed = step_seed(0, step)
+        lp, lm = ZOEngine(params, cfg, 1, fused=fused).perturbed_losses(seed, loss)
+        assert all(torch.equal(a, b) for a, b in zip(params.storage, weights))  # the weights were never written
+        assert (lp, lm) == ZOEngine(params, cfg, 1, fused=fused).perturbed_losses(seed, loss)  # deterministic
+        sp, sm = ZOEngine(params, cfg, 1).perturbed_losses(seed, loss)
+        params.restore()
+        assert abs(lp - sp) < tol and abs(lm - sm) < tol
+        assert lp != lm
+    fused.remove()
+    assert loss() == before  # without its hooks the model computes as before
+
+
+def test_fused_training_follows_the_unfused_one_and_replays_exactly():
+    from sparsezo.replay import replay_params
+    from sparsezo.tasks import Example
+    from sparsezo.train import TrainConfig, fine_tune, trajectory_meta
+
+    tok = tiny_tokenizer()
+    ex = lambda n, s: [Example(f"{t} It was", [" terrible", " great"], y) for y, t in sentences(n, s)]  # noqa: E731
+    results = {}
+    for fused in (False, True):
+        model, mask, params = _setup(torch.float32)
+        cfg = TrainConfig(steps=8, eval_every=8, batch_size=4, keep_best=False, fused_pm=fused,
+                          zo=ZOConfig(lr=0.05, eps=1e-2))
+        res = fine_tune(model, tok, params, ex(32, 1), ex(8, 2), cfg, progress=False)
+        res.trajectory.meta = trajectory_meta(params, cfg.zo, 8, {})
+        results[fused] = (res.trajectory, params.theta.clone())
+        assert not any(m._forward_hooks for m in model.modules())  # the hooks are gone after training
+    (plain, theta_plain), (joint, theta_joint) = results[False], results[True]
+    assert torch.allclose(torch.tensor(joint.grads), torch.tensor(plain.grads), rtol=1e-3, atol=1e-4)
+    assert not torch.equal(torch.tensor(joint.grads), torch.tensor(plain.grads))  # really another code path
+    assert torch.allclose(theta_joint, theta_plain, atol=1e-5)
+    base, mask, _ = _setup(torch.float32)
+    assert torch.equal(replay_params(base, mask, joint, progress=False).theta, theta_joint)
+
+
+def test_fused_refuses_sets_it_cannot_correct():
+    model, mask, params = _setup(torch.float32, rule="full")
+    with pytest.raises(SparseZOError, match="full ZO"):
+        FusedPM(model, params)

@@ -1,0 +1,89 @@
+"""export --format peft: a SHiRA adapter that the real peft package loads onto the plain base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import save_tiny_model
+
+peft = pytest.importorskip("peft", minversion="0.17", reason="the [peft] extra (pip install 'sparsezo[peft]')")
+
+
+def _delta(model, density=0.05, seed=3, include=None):
+    """A global random mask (uneven entries per layer) with trained values θ + noise."""
+    from sparsezo.checkpoint import Delta
+    from sparsezo.masks import compute_mask
+    from sparsezo.zo import TrainableParams
+
+    mask = compute_mask(model, "random", density, seed=seed, include=include)
+    params = TrainableParams(model, mask)
+    g = torch.Generator().manual_seed(seed)
+    trained = params.theta + 0.05 * torch.randn(params.theta.shape, generator=g)
+    values = {n: trained[params.offsets[k]:params.offsets[k + 1]].clone() for k, n in enumerate(params.names)}
+    params.restore()
+    return Delta(mask, values, {})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_peft_loads_the_adapter_and_matches_the_merged_model(tmp_path, dtype):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sparsezo.export_peft import export_peft
+    from sparsezo.models import DTYPES, load_model
+
+    folder = save_tiny_model(tmp_path / "base")
+    model, _ = load_model(folder, dtype)
+    delta = _delta(model)
+    counts = {n: int(i.numel()) for n, i in delta.mask.indices.items()}
+    assert len(set(counts.values())) > 3  # uneven per layer, as a global top-k mask is
+    info = export_peft(model, delta, tmp_path / "adapter", base_name=str(folder))
+    assert info["trained_entries"] == delta.mask.num_trainable <= info["stored_entries"]
+    assert info["inexact_entries"] == 0
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    delta.apply(model)
+    ids = torch.arange(3, 20)[None]
+    with torch.no_grad():
+        got, want = adapted(input_ids=ids).logits, model(input_ids=ids).logits
+        merged = adapted.merge_and_unload()
+        for name, idx in delta.mask.indices.items():  # every trained entry exactly, in the run's dtype
+            assert torch.equal(merged.get_parameter(name).view(-1)[idx], model.get_parameter(name).view(-1)[idx])
+    assert (got - want).abs().max() <= (1e-5 if dtype == "float32" else 0.0)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SHIRA" and config["base_model_name_or_path"] == str(folder)
+
+
+def test_cli_export_peft_and_what_shira_cannot_carry(tmp_path, capsys):
+    from sparsezo.cli import main
+    from sparsezo.models import load_model
+
+    folder = save_tiny_model(tmp_path / "base")
+    model, _ = load_model(folder, "float32")
+    delta = _delta(model)
+    delta.meta.update(model=str(folder), dtype="float32")
+    delta.save(tmp_path / "delta.safetensors")
+    assert main(["export", "--format", "peft", "--delta", str(tmp_path / "delta.safetensors"), "--out",
+                 str(tmp_path / "adapter"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["peft_type"] == "SHIRA" and info["layers"] == len(delta.mask.indices)
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                       "adapter_model.safetensors"]
+    emb = _delta(model, include=r"embed_tokens")
+    emb.meta.update(model=str(folder), dtype="float32")
+    emb.save(tmp_path / "emb.safetensors")
+    assert main(["export", "--format", "peft", "--delta", str(tmp_path / "emb.safetensors"), "--out",
+                 str(tmp_path / "emb")]) == 2
+    err = capsys.readouterr().err
+    assert "not a linear layer's weight" in err and not (tmp_path / "emb").exists()
+
+
+def test_padding_positions_are_free_and_deterministic():
+    from sparsezo.export_peft import _padding
+
+    idx = torch.tensor([0, 1, 2, 5, 9])
+    pad = _padding(idx, 20, 9)
+    assert pad.tolist() == [3, 4, 6, 7] and not set(pad.tolist()) & set(idx.tolist())
