@@ -26,6 +26,8 @@ to ``--out``. Threads: ``--threads`` (default 1: the machine is shared).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import platform
 import sys
@@ -63,16 +65,78 @@ def llama_log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def llama_accuracy(llm, encoded) -> tuple[float, list[int]]:
-    """Accuracy and predictions with llama.cpp scoring each candidate as sparsezo does (sum of token log-probs)."""
+    """Accuracy and predictions with llama.cpp scoring each candidate as sparsezo does (sum of token log-probs);
+    one-token candidates (SST-2's " great"/" terrible") are all read from the prompt's last position."""
     preds = []
     for e in encoded:
-        scores = []
-        for cand in e.cands:
-            lp = llama_log_softmax(llama_logits(llm, e.prompt + cand))
-            n = len(e.prompt)
-            scores.append(sum(lp[n - 1 + j, t] for j, t in enumerate(cand)))
+        n = len(e.prompt)
+        if all(len(c) == 1 for c in e.cands):
+            lp = llama_log_softmax(llama_logits(llm, e.prompt)[-1])
+            scores = [lp[c[0]] for c in e.cands]
+        else:
+            scores = []
+            for cand in e.cands:
+                lp = llama_log_softmax(llama_logits(llm, e.prompt + cand))
+                scores.append(sum(lp[n - 1 + j, t] for j, t in enumerate(cand)))
         preds.append(int(np.argmax(scores)))
     return sum(p == e.gold for p, e in zip(preds, encoded)) / len(encoded), preds
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def update_survival(model, base_model, delta, kind: str) -> dict[str, float]:
+    """How much of the fine-tune a storage type keeps: the share of trained entries whose stored value differs
+    from the base's stored value, and the stored change's mean size relative to the trained change."""
+    import gguf
+
+    from sparsezo.export_gguf import TYPES
+
+    qtype = gguf.GGMLQuantizationType[TYPES[kind][0]]
+
+    def stored(t: torch.Tensor) -> np.ndarray:
+        a = t.detach().float().numpy()
+        if qtype == gguf.GGMLQuantizationType.F32:
+            return a
+        if qtype == gguf.GGMLQuantizationType.F16:
+            return a.astype(np.float16).astype(np.float32)
+        return gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype)
+
+    changed = total = 0
+    kept = moved = 0.0
+    for name, idx in delta.mask.indices.items():
+        if idx is None or not idx.numel():
+            continue
+        after, before = model.get_parameter(name), base_model.get_parameter(name)
+        i = idx.numpy()
+        sa, sb = stored(after).reshape(-1)[i], stored(before).reshape(-1)[i]
+        changed += int((sa != sb).sum())
+        total += i.size
+        kept += float(np.abs(sa - sb).sum())
+        moved += float((after.detach().float().reshape(-1)[idx] - before.detach().float().reshape(-1)[idx]).abs().sum())
+    return {"trained_entries_changed_in_file": changed / total, "update_size_kept": kept / moved if moved else 1.0}
+
+
+def without_extra_buffers() -> None:
+    """Load models with llama.cpp's extra buffer types off (``--no-extra-bufts``): on this VM the CPU reports
+    AMX but the kernel does not grant its tile state, and ggml's AMX kernels for Q4/Q8 weights die with an
+    illegal instruction; the plain CPU kernels compute the same model."""
+    import llama_cpp.llama_cpp as capi
+
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params
 
 
 def main() -> None:
@@ -84,8 +148,16 @@ def main() -> None:
     ap.add_argument("--out", default="results/gguf_roundtrip.json")
     ap.add_argument("--keep", default=None, help="folder to keep the exported files in (default: a temp folder)")
     args = ap.parse_args()
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM
+
+    try:
+        import llama_cpp
+        from llama_cpp import Llama
+
+        without_extra_buffers()
+    except ImportError:  # the transformers-side figures are still worth having; the report says what is missing
+        Llama = None
+        print("llama-cpp-python is not installed: measuring with transformers only", file=sys.stderr)
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -95,7 +167,7 @@ def main() -> None:
     model, tok = load_model(base_path, dtype)
     base_model, _ = load_model(base_path, dtype)
     delta.apply(model)
-    ref = AutoModelForCausalLM.from_config(model.config).eval()  # the merged weights, computed in fp32
+    ref = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32).eval()  # merged weights, in fp32
     ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False)
     ref.tie_weights()
     task = get_task(config["task"])
@@ -106,6 +178,8 @@ def main() -> None:
     prompt_ids = [tok(p, add_special_tokens=True)["input_ids"] for p in PROMPTS]
     with torch.no_grad():
         ref_logits = [ref(torch.tensor([ids])).logits[0].numpy() for ids in prompt_ids]
+        shift = max(float((model(torch.tensor([ids])).logits[0].float() - base_model(torch.tensor([ids])).logits[0]
+                           .float()).abs().max()) for ids in prompt_ids)
     scale = max(float(np.abs(x).max()) for x in ref_logits)
     t0 = time.perf_counter()
     sz_preds = predict(model, tok, test).tolist()
@@ -114,15 +188,17 @@ def main() -> None:
     report = {
         "run": str(run), "task": config["task"], "n_test": len(test), "base": base_path, "dtype": dtype,
         "num_trained": delta.mask.num_trainable, "delta_bytes": (run / "delta.safetensors").stat().st_size,
-        "sparsezo": {"test_accuracy": sz_acc, "base_test_accuracy": base_acc},
-        "versions": {p: version(p) for p in ("llama_cpp_python", "gguf", "transformers", "torch", "peft")},
+        "sparsezo": {"test_accuracy": sz_acc, "base_test_accuracy": base_acc, "max_abs_logit": scale,
+                     "fine_tune_max_abs_logit_shift": shift},
+        "versions": {**{p: _version(p) for p in ("gguf", "transformers", "torch", "peft")},
+                     "llama_cpp_python": llama_cpp.__version__ if Llama is not None else None},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads}, "types": {},
     }
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gguf-roundtrip-"))
     tmp.mkdir(parents=True, exist_ok=True)
     if args.base_gguf is None and Path(base_path).resolve() == (sparsezo_home() / "models" / DEFAULT_MODEL).resolve():
         args.base_gguf = str(fetch_default_gguf(tmp))
-    if args.base_gguf:
+    if args.base_gguf and Llama is not None:
         llm = Llama(model_path=args.base_gguf, n_ctx=512, logits_all=True, n_threads=args.threads, verbose=False)
         acc, _ = llama_accuracy(llm, encoded)
         report["original_gguf"] = {"path": args.base_gguf, "bytes": Path(args.base_gguf).stat().st_size,
@@ -132,13 +208,17 @@ def main() -> None:
         out = tmp / f"{run.name}-{kind}.gguf"
         t = time.perf_counter()
         assert sparsezo(["export", "--format", "gguf", "--delta", str(run), "--out", str(out), "--type", kind]) == 0
-        row = {"bytes": out.stat().st_size, "export_seconds": round(time.perf_counter() - t, 2)}
+        row = {"bytes": out.stat().st_size, "export_seconds": round(time.perf_counter() - t, 2),
+               **update_survival(model, base_model, delta, kind)}
         hf = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=out.name, dtype=torch.float32).eval()
         with torch.no_grad():
             err = max(float(np.abs(hf(torch.tensor([ids])).logits[0].numpy() - r).max())
                       for ids, r in zip(prompt_ids, ref_logits))
         row["transformers_max_abs_logit_err"] = err
         del hf
+        report["types"][kind] = row
+        if Llama is None:
+            continue
         llm = Llama(model_path=str(out), n_ctx=512, logits_all=True, n_threads=args.threads, verbose=False)
         err = max(float(np.abs(llama_logits(llm, ids) - r).max()) for ids, r in zip(prompt_ids, ref_logits))
         row["llama_cpp_max_abs_logit_err"] = err
@@ -149,21 +229,15 @@ def main() -> None:
         acc, preds = llama_accuracy(llm, encoded)
         row["llama_cpp_test_accuracy"] = acc
         row["same_predictions_as_sparsezo"] = sum(a == b for a, b in zip(preds, sz_preds)) / len(preds)
-        report["types"][kind] = row
         del llm
         print(f"{kind}: {row}", file=sys.stderr)
     adapter = tmp / f"{run.name}-peft"
-    assert sparsezo(["export", "--format", "peft", "--delta", str(run), "--out", str(adapter)]) == 0
-    from safetensors.torch import load_file
-
-    from sparsezo.export_peft import supertuning_entries
-
-    shira = json.loads((adapter / "adapter_config.json").read_text())
-    stored = sum(t.numel() for t in load_file(str(adapter / "adapter_model.safetensors")).values() if t.dim() == 1)
-    report["peft_shira"] = {"bytes": (adapter / "adapter_model.safetensors").stat().st_size, "r": shira["r"],
-                            "layers": len(shira["target_modules"]), "stored_entries": stored,
-                            "padding": round(1 - delta.mask.num_trainable / stored, 4),
-                            "supertuning_entries_needed": supertuning_entries(delta)}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert sparsezo(["export", "--format", "peft", "--delta", str(run), "--out", str(adapter), "--json"]) == 0
+    peft_info = json.loads(printed.getvalue())
+    report["peft_shira"] = {k: peft_info[k] for k in ("bytes", "r", "layers", "dense_layers", "trained_entries",
+                                                      "stored_entries", "padding", "supertuning_entries")}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(args.out, report)
     print(json.dumps(report))

@@ -12,7 +12,8 @@
    anonymous memory the program really needs): ``mask`` (sensitive, Fisher on WikiText-2),
    ``quantize`` (streaming from bf16), ``bench`` at b1x32 and b1x256 (4-bit base, the mask's
    entries trainable), ``train`` (a few ZO steps on SST-2 over the 4-bit base), ``eval`` of the
-   delta, ``merge`` (a plain bf16 HF folder, written shard by shard), ``stream`` (bench at b1x32
+   delta, ``merge`` (onto the bf16 checkpoint) and ``merge4`` (onto the run's own 4-bit base,
+   dequantized layer by layer) — plain HF folders written shard by shard — ``stream`` (bench at b1x32
    with ``--quant nf4`` straight from the bf16 checkpoint, quantized while it is read).
 
 Prints one JSON object per stage (stage, limit, passed, peak anonymous bytes, seconds, and for
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 MEMLIMIT = REPO.parent / "shared" / "tools" / "memlimit"
-STAGES = ("build", "mask", "quantize", "bench32", "bench256", "train", "eval", "merge", "stream")
+STAGES = ("build", "mask", "quantize", "bench32", "bench256", "train", "eval", "merge", "merge4", "stream")
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -152,6 +154,30 @@ def run_stage(stage: str, cmd: list[str], limit: str, out_path: Path | None) -> 
     return row
 
 
+def table(rows: list[dict]) -> str:
+    """The rows as the markdown table README and benchmarks/README show."""
+    lines = ["| stage | command | limit | passed | peak anonymous (memlimit) | reported by the command | seconds | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["stage"] == "build":
+            continue
+        notes = []
+        if "forward_ms" in r:
+            notes.append(f"forward {r['forward_ms'] / 1000:.1f} s, step {r['step_ms'] / 1000:.1f} s, "
+                         f"step/2fwd {r['step_over_two_forwards']:.2f}")
+        if "fisher_passes" in r:
+            notes.append(f"{r['fisher_passes']} pass(es), {r.get('num_trainable')} weights")
+        if "peak_rss_bytes" in r:
+            notes.append(f"RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+        reported = r.get("reported_peak_anon_bytes")
+        cmd = re.sub(r"/(?:[^\s/]+/)+", "", r["command"])  # the work folder's paths, by their last part
+        lines.append(f"| {r['stage']} | `{cmd}` | {r['limit']} | {'yes' if r['passed'] else '**no**'} | "
+                     f"{r['peak_anon_bytes'] / 2**30:.2f} GiB | "
+                     f"{'' if reported is None else f'{reported / 2**30:.2f} GiB'} | {r['seconds']:.0f} | "
+                     f"{'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-2-7B; 2 for a quick check)")
@@ -164,7 +190,11 @@ def main() -> int:
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--force", action="store_true", help="re-run stages whose outputs exist")
     ap.add_argument("--out", default=None, help="also write the JSON rows here")
+    ap.add_argument("--report", default=None, metavar="JSON", help="print the markdown table of a rows file and exit")
     args = ap.parse_args()
+    if args.report:
+        print(table(json.loads(Path(args.report).read_text())))
+        return 0
     if not MEMLIMIT.is_file():
         sys.exit(f"scale_7b: {MEMLIMIT} not found; it comes with the shared folder next to the checkout")
     work = Path(args.work or f"/tmp/sparsezo-7b-{args.layers}")
@@ -190,6 +220,8 @@ def main() -> int:
         "eval": (["eval", "--model", str(quant), "--task", "sst2", "--delta", str(run), "--num-test", "4",
                   "--eval-batch-size", "4"], L, None),
         "merge": (["merge", "--delta", str(run), "--model", str(model), "--out", str(merged)], L, merged),
+        # the base the run recorded (the 4-bit folder): each layer dequantized as it is written
+        "merge4": (["merge", "--delta", str(run), "--out", str(work / "merged4")], L, work / "merged4"),
         # the 4-bit base quantized while the bf16 checkpoint streams in (no quantized folder)
         "stream": (["bench", "--model", str(model), "--quant", "nf4", "--mask", str(mask), "--batch", "1",
                     "--seq-len", "32", "--steps", "2"], L, None),

@@ -8,8 +8,9 @@ part by part). Every comparison is an interleaved median (CPU speed on a shared 
 by ±30% over seconds), and each part records the load average it ran under.
 
 - ``layer``: one linear of the Llama-2-7B MLP shapes (11008×4096, 4096×11008) at T tokens: dense
-  bf16 ``F.linear``, int4 (this machine's path: the compiled AMX kernel where it works), ATen's
-  eager int4 kernel, and bitsandbytes NF4 dequantize + matmul. Target: int4 / dense ≤ 1.2 at T=32.
+  bf16 ``F.linear``, the int4 layer with its 0.1% exact entries (this machine's path: the compiled
+  AMX kernel where it works, plus the sparse correction), its 4-bit matmul alone, ATen's eager
+  int4 kernel, and the bitsandbytes NF4 layer. Target: int4 / dense ≤ 1.2 at T=32.
 - ``default``: the default model, random 0.1% mask, fused and unfused step vs two forwards for
   bf16, int4, nf4 (``sparsezo.bench.bench_fused``). Target: unfused step ≤ 1.03 × two forwards.
 - ``7b``: the same on a 7B-architecture checkpoint (``benchmarks/scale_7b.py --stages build``)
@@ -67,6 +68,7 @@ def part_layer(tokens: list[int], repeats: int) -> dict:
                 ms = _medians({
                     "dense_bf16": lambda: F.linear(x, w),
                     "int4": lambda: layer(x),
+                    "int4_matmul_only": lambda: layer.base_mm(x),
                     "int4_eager_aten": lambda: int4._mm(x, aten, layer.scales_zeros, layer.group),
                     "nf4_bnb": lambda: nf4(x),
                 }, repeats)

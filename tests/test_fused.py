@@ -24,7 +24,9 @@ def _setup(dtype, quant=None, rule="random"):
 @pytest.mark.parametrize("dtype,quant,tol", [(torch.float32, None, 1e-5), (torch.bfloat16, None, 2e-3),
                                              (torch.bfloat16, "int4", 2e-3)])
 def test_fused_losses_equal_two_separate_forwards(monkeypatch, dtype, quant, tol):
-    monkeypatch.setattr(int4, "_compiled", lambda *key: None)  # eager int4 kernel: no compile in tests
+    monkeypatch.setattr(int4, "_compiled", lambda *key: None)  # eager int4 kernels: no compile in tests
+    monkeypatch.setattr(int4, "_compiled_dequant", lambda *key: None)
+    monkeypatch.setattr(int4, "KERNEL_MIN_WEIGHTS", 0)  # the 4-bit matmul + correction path on tiny layers too
     model, mask, params = _setup(dtype, quant)
     loss = PMLoss(model, synthetic_batch(model, 3, 10, seed=4))
     before = loss()

@@ -17,8 +17,11 @@ DT = torch.bfloat16
 
 @pytest.fixture
 def eager(monkeypatch):
-    """The eager ATen kernel only: the compiled AMX path costs a few seconds of compile per shape."""
+    """Eager kernels only (compiling costs seconds per shape), and the 4-bit matmul + correction
+    path for tiny layers too (up to CSR_MAX_ROWS rows; more rows take the dequantized path)."""
     monkeypatch.setattr(int4, "_compiled", lambda *key: None)
+    monkeypatch.setattr(int4, "_compiled_dequant", lambda *key: None)
+    monkeypatch.setattr(int4, "KERNEL_MIN_WEIGHTS", 0)
 
 
 def _model(dtype=DT):
@@ -47,7 +50,7 @@ def test_codes_pack_and_unpack_losslessly_and_dequantize_is_a_sane_4bit_weight()
 @pytest.mark.parametrize("dtype", [torch.float32, DT])
 def test_layer_output_equals_linear_with_dequantized_weight_plus_exact_entries(eager, dtype):
     _, _, layer = _layer(dtype)
-    for m in (1, 3, 37):
+    for m in (1, 3, 37, int4.CSR_MAX_ROWS + 1):  # correction (CSR), and the dequantized path
         x = torch.randn(m, 128, dtype=dtype)
         ref = F.linear(x.float(), layer.dequantized().float(), layer.bias.float())
         tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -64,6 +67,18 @@ def test_sparse_correction_is_the_change_of_the_exact_entries_only(eager):
     w1, y1 = layer.dequantized(), layer(x)
     assert set((w1 != w0).reshape(-1).nonzero().squeeze(1).tolist()) == set(idx.tolist())
     assert torch.allclose(y1 - y0, F.linear(x, w1 - w0), atol=1e-5)
+
+
+def test_sparse_add_handles_a_layer_without_entries_and_per_half_deltas():
+    y, x = torch.zeros(4, 32), torch.randn(4, 64)
+    int4.sparse_add_(y, x, int4.sparse_layout(torch.empty(0, dtype=torch.int64), 64, 32), torch.empty(2, 0))
+    assert not y.any()
+    idx = torch.tensor([3, 64 + 5, 31 * 64 + 63])
+    int4.sparse_add_(y, x, int4.sparse_layout(idx, 64, 32), torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.0, 0.5]]))
+    want = torch.zeros(4, 32)
+    for h, d in ((slice(0, 2), (1.0, 2.0, 3.0)), (slice(2, 4), (-1.0, 0.0, 0.5))):
+        want[h, 0], want[h, 1], want[h, 31] = d[0] * x[h, 3], d[1] * x[h, 5], d[2] * x[h, 63]
+    assert torch.allclose(y, want, atol=1e-6)
 
 
 def test_compiled_amx_matmul_matches_the_eager_kernel():

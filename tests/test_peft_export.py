@@ -12,13 +12,19 @@ from helpers import save_tiny_model
 peft = pytest.importorskip("peft", minversion="0.17", reason="the [peft] extra (pip install 'sparsezo[peft]')")
 
 
-def _delta(model, density=0.05, seed=3, include=None):
-    """A global random mask (uneven entries per layer) with trained values θ + noise."""
+OUTLIER = "model.layers.1.mlp.down_proj.weight"
+
+
+def _delta(model, density=0.05, seed=3, include=None, outlier=False):
+    """A global random mask (uneven entries per layer) with trained values θ + noise; ``outlier`` makes one
+    layer far denser than the rest, as a global sensitive mask does (SmolLM2: 21,506 entries in one layer)."""
     from sparsezo.checkpoint import Delta
     from sparsezo.masks import compute_mask
     from sparsezo.zo import TrainableParams
 
     mask = compute_mask(model, "random", density, seed=seed, include=include)
+    if outlier:
+        mask.indices[OUTLIER] = torch.arange(0, model.get_parameter(OUTLIER).numel(), 2)
     params = TrainableParams(model, mask)
     g = torch.Generator().manual_seed(seed)
     trained = params.theta + 0.05 * torch.randn(params.theta.shape, generator=g)
@@ -27,8 +33,8 @@ def _delta(model, density=0.05, seed=3, include=None):
     return Delta(mask, values, {})
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_peft_loads_the_adapter_and_matches_the_merged_model(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,outlier", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_peft_loads_the_adapter_and_matches_the_merged_model(tmp_path, dtype, outlier):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -37,12 +43,12 @@ def test_peft_loads_the_adapter_and_matches_the_merged_model(tmp_path, dtype):
 
     folder = save_tiny_model(tmp_path / "base")
     model, _ = load_model(folder, dtype)
-    delta = _delta(model)
+    delta = _delta(model, outlier=outlier)
     counts = {n: int(i.numel()) for n, i in delta.mask.indices.items()}
     assert len(set(counts.values())) > 3  # uneven per layer, as a global top-k mask is
     info = export_peft(model, delta, tmp_path / "adapter", base_name=str(folder))
-    assert info["trained_entries"] == delta.mask.num_trainable <= info["stored_entries"]
-    assert info["inexact_entries"] == 0
+    assert info["trained_entries"] == delta.mask.num_trainable
+    assert info["layers"] > 0 and info["inexact_entries"] == 0  # SHiRA layers, and each value adds back exactly
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
     adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     delta.apply(model)
@@ -55,6 +61,8 @@ def test_peft_loads_the_adapter_and_matches_the_merged_model(tmp_path, dtype):
     assert (got - want).abs().max() <= (1e-5 if dtype == "float32" else 0.0)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "SHIRA" and config["base_model_name_or_path"] == str(folder)
+    if outlier:  # stored whole rather than padding every other layer to its rank
+        assert OUTLIER.removesuffix(".weight") in config["modules_to_save"]
 
 
 def test_cli_export_peft_and_what_shira_cannot_carry(tmp_path, capsys):
@@ -79,6 +87,16 @@ def test_cli_export_peft_and_what_shira_cannot_carry(tmp_path, capsys):
                  str(tmp_path / "emb")]) == 2
     err = capsys.readouterr().err
     assert "not a linear layer's weight" in err and not (tmp_path / "emb").exists()
+
+
+def test_rank_plan_stores_an_outlier_whole_instead_of_padding_every_layer():
+    from sparsezo.export_peft import plan_rank
+
+    dims = {f"l{k}": (576, 1536) for k in range(30)}
+    counts = {f"l{k}": 500 for k in range(29)} | {"l29": 21506}  # needs r = 1 vs r = 11
+    assert plan_rank(counts, dims, 2) == (1, {"l29"})
+    assert plan_rank(counts, dims, None) == (11, set())  # a 4-bit base: no dense weight to store
+    assert plan_rank({"a": 10, "b": 2500}, {"a": (576, 1536), "b": (576, 1536)}, 2) == (2, set())
 
 
 def test_padding_positions_are_free_and_deterministic():

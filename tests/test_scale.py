@@ -278,3 +278,19 @@ def test_memory_report_names_its_figure_and_parse_bytes():
     assert parse_bytes("4.5G") == int(4.5 * 2**30) and parse_bytes("512M") == 512 * 2**20 and parse_bytes("1e9") == 10**9
     with pytest.raises(SparseZOError, match="not a size"):
         parse_bytes("lots")
+
+
+@pytest.mark.parametrize("scope", ["global", "per-tensor"])
+def test_random_mask_beyond_a_billion_entries(scope):
+    from sparsezo.masks import random as random_rule
+    from sparsezo.masks.base import MaskContext
+
+    params = {f"t{i}": torch.nn.Parameter(torch.empty(30000, 20000, device="meta")) for i in range(3)}  # 1.8e9
+    ctx = MaskContext(None, params, scope=scope, seed=5)
+    out = random_rule.compute(ctx, 1e-6)
+    counts = [v.numel() for v in out.values()]
+    assert sum(counts) == (exact_count(1e-6, 1.8e9) if scope == "global" else 3 * exact_count(1e-6, 6e8))
+    for v in out.values():
+        assert v.dtype == torch.int64 and (v[1:] > v[:-1]).all() and v.min() >= 0 and v.max() < 6e8
+    again = random_rule.compute(MaskContext(None, params, scope=scope, seed=5), 1e-6)
+    assert all(torch.equal(out[n], again[n]) for n in out)

@@ -171,12 +171,27 @@ def _add_mask_args(p: argparse.ArgumentParser, selection: bool = True) -> None:
                         "tensors")
 
 
+def _lr_value(text: str) -> float | None:
+    """``--lr``: a number, or ``auto`` (held as None, which also travels through --resume's type check)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+LR_HELP = ("learning rate of the ZO update, or 'auto': before training, probe a half-decade grid of lrs (the "
+           "optimizer's own) for a few dozen steps each on 32 dev examples and keep the lowest dev loss (at most "
+           "10%% of the run's forwards; the choice and its cost are recorded in config.json)")
+
+
 def _add_zo_args(p: argparse.ArgumentParser) -> None:
     from .recipe import TRAIN
     from .zo.optim import OPTIMIZERS
 
     p.add_argument("--steps", type=int, default=TRAIN.steps, help="ZO steps (each: two forward passes per query)")
-    p.add_argument("--lr", type=float, default=TRAIN.lr, help="learning rate of the ZO update")
+    p.add_argument("--lr", type=_lr_value, default=TRAIN.lr, help=LR_HELP)
     p.add_argument("--eps", type=float, default=TRAIN.eps,
                    help="perturbation scale (>= 1e-2 survives bf16 rounding)")
     p.add_argument("--batch-size", type=int, default=TRAIN.batch_size, help="training examples per step")
@@ -186,7 +201,9 @@ def _add_zo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", default="applied", choices=["applied", "sampled"],
                    help="update along the perturbation the rounded weights received (applied) or along z (sampled)")
     p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
-                   help="how the projected gradient moves θ: plain ZO-SGD, heavy-ball momentum, Adam, or sign-SGD")
+                   help="how the projected gradient moves θ: plain ZO-SGD, heavy-ball momentum, Adam, sign-SGD, or "
+                        "hizoo (HiZOO-style: one more forward a step for L(θ), update divided by an EMA of the "
+                        "measured curvature, so lr is a fraction of a line-search step, ~0.01-1)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay: adds this times θ to the update")
     p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
                    help="learning-rate schedule over the steps after warm-up")
@@ -440,14 +457,17 @@ def _eval_model(args: argparse.Namespace, deltas: list):
 
 
 def _zo_config(args: argparse.Namespace):
+    from .recipe import TRAIN
     from .train import TrainConfig
     from .zo import ZOConfig
 
-    zo = ZOConfig(lr=args.lr, eps=args.eps, q=args.q, dist=args.dist, direction=args.direction, optimizer=args.optimizer,
+    # --lr auto: a placeholder until fine_tune's probe sets the chosen lr
+    zo = ZOConfig(lr=TRAIN.lr if args.lr is None else args.lr, eps=args.eps, q=args.q, dist=args.dist,
+                  direction=args.direction, optimizer=args.optimizer,
                   weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup, seed=args.seed)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
                       eval_batch_size=args.eval_batch_size, loss=args.loss, keep_best=not args.keep_last,
-                      fused_pm=args.fused_pm, zo=zo)
+                      fused_pm=args.fused_pm, zo=zo, lr_auto=args.lr is None)
     cfg.validate()
     return cfg
 
@@ -530,6 +550,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         run = _resume_args(args) if args.resume else args
         check_split(args.parallel, args.nproc, run.q, run.batch_size)  # before starting any process
+        if run.lr is None:
+            raise SparseZOError("--lr auto runs in one process; probe without --nproc, then pass the chosen --lr")
         launch(args.nproc, _train_argv(args))
         return
     dist = init_from_env(args.parallel, args.dist_timeout, args.device)
@@ -641,9 +663,16 @@ def _train_locked(args: argparse.Namespace, dist, held: contextlib.ExitStack) ->
     results = {"task": args.task, "metric": metric,
                **{f"test_{k}": v for k, v in test.items() if k not in ("metric", "value", "n")},
                f"best_dev_{metric}": result.best_dev, "best_step": result.best_step,
-               "steps": result.steps, "num_trainable": mask.num_trainable, "n_test": len(splits["test"])}
+               "steps": result.steps, "num_trainable": mask.num_trainable, "n_test": len(splits["test"]),
+               "lr": cfg.zo.lr, **_learned(result, metric)}
+    meta["zo"]["lr"] = cfg.zo.lr  # the probed one with --lr auto
+    if result.lr_probe is not None:
+        meta["lr_auto"] = result.lr_probe
     config = read_json(out / "config.json", "run config")
     config["results"] = dict(results, seconds=round(result.seconds, 2))
+    config["zo"] = meta["zo"]
+    if result.lr_probe is not None:
+        config["lr_auto"] = result.lr_probe
     if args.resume:
         config["resumed"] = config.get("resumed", 0) + 1
     config["processes"] = {"world_size": dist.world, "parallel": dist.parallel} if dist else {"world_size": 1}
@@ -658,7 +687,16 @@ def _train_locked(args: argparse.Namespace, dist, held: contextlib.ExitStack) ->
     mem = memory_report(args.device)
     _emit(args, dict(results, seconds=round(result.seconds, 2), out=str(out), **mem),
           f"{args.task}: test {metric} {test['value']:.4f} (best dev {result.best_dev:.4f} at step "
-          f"{result.best_step}/{result.steps}, {result.seconds:.0f}s) -> {out}; {_memory_text(mem)}")
+          f"{result.best_step}/{result.steps}, {result.seconds:.0f}s) -> {out}; {_memory_text(mem)}"
+          + ("" if result.improved else "\nnothing was learned (see the warning above)"))
+
+
+def _learned(result, metric: str) -> dict[str, Any]:
+    """The fields that say whether a fine-tune learned anything (see :func:`sparsezo.train.improvement`)."""
+    out = {"improved": result.improved, f"start_dev_{metric}": result.start_dev, "dev_noise": result.dev_noise}
+    if result.lr_probe:
+        out["lr_auto_forwards"] = result.lr_probe["forwards"]
+    return out
 
 
 def _eval_settings(args: argparse.Namespace, deltas: list) -> None:
@@ -770,7 +808,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     log.info("zero-shot test accuracy %.4f", zero)
     params = TrainableParams(model, mask)
     cfg = TrainConfig(steps=args.steps, batch_size=DEMO.batch_size, eval_every=args.eval_every,
-                      eval_batch_size=DEMO.eval_batch_size, zo=ZOConfig(lr=args.lr, eps=args.eps, seed=args.seed))
+                      eval_batch_size=DEMO.eval_batch_size, lr_auto=args.lr is None,
+                      zo=ZOConfig(lr=DEMO.lr if args.lr is None else args.lr, eps=args.eps, seed=args.seed))
     meta = run_meta(cfg, model=_recorded_path(model.name_or_path), dtype=args.dtype, quant=args.quant,
                     task=DEMO.task, task_options={}, data_dir=None, recipe="demo", mask_rule=mask.rule,
                     density=args.density, calib=str(calib), calib_tokens=args.calib_tokens,
@@ -782,14 +821,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
                         metrics_path=tmp / "metrics.jsonl" if tmp else None)
         tuned = test_accuracy("fine-tuned")
         seconds = time.perf_counter() - t0
+        meta["zo"]["lr"] = cfg.zo.lr  # the probed one with --lr auto
+        if res.lr_probe is not None:
+            meta["lr_auto"] = res.lr_probe
         if tmp:  # a run directory like train's: mask, trajectory, delta, config, metrics
             meta["results"] = {"task": DEMO.task, "metric": "accuracy", "test_accuracy": tuned,
-                               "zero_shot_accuracy": zero, "best_step": res.best_step, "steps": args.steps}
+                               "zero_shot_accuracy": zero, "best_step": res.best_step, "steps": args.steps,
+                               **_learned(res, "accuracy")}
             mask.save(tmp / "mask.safetensors")
             save_run(tmp, params, res.trajectory, cfg.zo, meta, dict(meta, results=dict(meta["results"],
                                                                                           seconds=round(seconds, 1))))
     obj = {"task": DEMO.task, "model": meta["model"], "zero_shot_accuracy": zero, "finetuned_accuracy": tuned,
-           "steps": args.steps, "best_step": res.best_step, "lr": args.lr, "eps": args.eps, "density": args.density,
+           "steps": args.steps, "best_step": res.best_step, "lr": cfg.zo.lr, **_learned(res, "accuracy"),
+           "eps": args.eps, "density": args.density,
            "num_trainable": mask.num_trainable, "n_test": len(splits["test"]), "quant": args.quant,
            "seconds": round(seconds, 1)}
     if args.out:
@@ -852,6 +896,27 @@ def cmd_replay(args: argparse.Namespace) -> None:
           f"replayed {steps} steps of {traj_path} in {seconds:.2f}s -> {out}")
 
 
+def _delta_is_base(model, delta) -> bool:
+    """True when every trained value equals the base's (the run kept step 0: nothing was learned).
+
+    Then merge/export write the base model under a new name; say so rather than "merged N weights".
+    One tensor at a time over the k trained entries (no θ-sized copy); the model is not modified.
+    """
+    import torch
+
+    def equal(t: torch.Tensor, idx, values: torch.Tensor) -> bool:
+        flat = t.detach().reshape(-1)
+        trained = flat if idx is None else flat[idx.to(flat.device)]
+        return torch.equal(trained.float(), values.reshape(-1).float().to(flat.device))
+
+    same = all(equal(t, idx, delta.values[n]) for n, (t, idx) in delta.mask.check_model(model).items())
+    if same:
+        log.warning("note: the delta equals the base model (every trained value is the base's; best step %s): the "
+                    "output is the unchanged base. Retrain with another --lr (or --lr auto) or more --steps",
+                    delta.meta.get("results", {}).get("best_step", "?"))
+    return same
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from .checkpoint import load_delta
     from .export import save_merged
@@ -868,9 +933,11 @@ def cmd_merge(args: argparse.Namespace) -> None:
                    Path(base).is_dir() else 0)  # the merged weights, before the base is loaded
     model, tok = _delta_base(args, delta)
     t0 = time.perf_counter()
+    unchanged = _delta_is_base(model, delta)
     nbytes = save_merged(model, tok, args.out, delta=delta)  # streamed: the base is never modified
     mem = memory_report(args.device)
     _emit(args, {"out": args.out, "num_trained": delta.mask.num_trainable, "quant_base": delta.meta.get("quant"),
+                 "delta_is_base": unchanged,
                  "weight_bytes": nbytes, "seconds": round(time.perf_counter() - t0, 2), **mem},
           f"merged {delta.mask.num_trainable} trained weights into {model.name_or_path}"
           f"{' (dequantized 4-bit base)' if delta.meta.get('quant') else ''} -> {args.out}; {_memory_text(mem)}")
@@ -891,8 +958,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     model, tok = _delta_base(args, delta)
     t0 = time.perf_counter()
     exporter = EXPORTERS[args.format]
+    unchanged = _delta_is_base(model, delta)
     info = exporter.write(model, tok, delta, args.out, {"type": args.type})
-    info.update(num_trained=delta.mask.num_trainable, quant_base=delta.meta.get("quant"),
+    info.update(num_trained=delta.mask.num_trainable, quant_base=delta.meta.get("quant"), delta_is_base=unchanged,
                 seconds=round(time.perf_counter() - t0, 2))
     _emit(args, info, exporter.describe(info))
 
@@ -1137,7 +1205,7 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
 
     _add_model_args(p)
     p.add_argument("--steps", type=int, default=DEMO.steps, help="ZO steps (train's default: 1000)")
-    p.add_argument("--lr", type=float, default=DEMO.lr, help="learning rate of the ZO update")
+    p.add_argument("--lr", type=_lr_value, default=DEMO.lr, help=LR_HELP)
     p.add_argument("--eps", type=float, default=DEMO.eps, help="perturbation scale")
     p.add_argument("--density", type=float, default=DEMO.density, help="fraction of eligible weights trained")
     p.add_argument("--eval-every", type=int, default=DEMO.eval_every, help="steps between dev evaluations")

@@ -69,16 +69,44 @@ def _padding(idx: torch.Tensor, numel: int, n: int) -> torch.Tensor:
     return (~taken).nonzero().flatten()[:extra]
 
 
+SHIRA_ENTRY_BYTES = 12  # two int32 coordinates + one fp32 value
+
+
+def plan_rank(counts: dict[str, int], dims: dict[str, tuple[int, int]], dense_bytes: int | None) -> tuple[int, set[str]]:
+    """The SHiRA rank r and the layers stored whole instead (PEFT's ``modules_to_save``) that make the
+    adapter smallest.
+
+    Every SHiRA layer holds r·(in + out) entries, so one dense outlier (a global mask put 21,506
+    entries into one SmolLM2 layer, 11× the next) would pad all 205 others 11-fold. A layer whose
+    trained count needs more than r is stored as its whole merged weight (``dense_bytes`` an entry,
+    the base dtype) when that is smaller overall; ``dense_bytes=None`` forbids it (a 4-bit base has
+    no full-precision weight to store).
+    """
+    need = {n: math.ceil(k / (o + i)) for n, k in counts.items() for o, i in [dims[n]]}
+    best: tuple[int, int, set[str]] | None = None
+    for r in sorted(set(need.values())):
+        if dense_bytes is None and r < max(need.values()):
+            continue
+        dense = {n for n, q in need.items() if q > r or r * sum(dims[n]) > dims[n][0] * dims[n][1]}
+        size = sum(SHIRA_ENTRY_BYTES * r * sum(dims[n]) for n in need if n not in dense)
+        size += sum((dense_bytes or 0) * dims[n][0] * dims[n][1] for n in dense)
+        if best is None or size < best[0]:
+            best = (size, r, dense)
+    return best[1], best[2]
+
+
 @torch.no_grad()
 def export_peft(model: nn.Module, delta, out: str | os.PathLike, base_name: str | None = None) -> dict[str, Any]:
     """Write ``delta`` as a SHiRA adapter folder ``out`` for the base ``model`` (atomically).
 
-    Each layer stores v = dtype(θ) − w at its trained entries, padded with zeros to the common
-    r·(in + out) entries. Returns the layer count, r, the entries stored and the padding share.
+    Each SHiRA layer stores v = dtype(θ) − w at its trained entries, padded with zeros to the
+    common r·(in + out) entries; the few layers too dense for the chosen r (see :func:`plan_rank`)
+    are stored whole, merged, as ``modules_to_save``. Returns sizes, r and the padding share.
     """
     from safetensors.torch import save_file
 
     from .io import atomic_dir, write_json
+    from .quant.nf4 import NF4Linear
 
     delta.mask.check_model(model, "delta")
     linears = _linear_modules(model)
@@ -90,42 +118,54 @@ def export_peft(model: nn.Module, delta, out: str | os.PathLike, base_name: str 
     if any(delta.mask.indices[n] is None for n in names):
         raise SparseZOError("PEFT export: the delta trains every entry of its tensors (--mask full); a sparse "
                             "adapter would be larger than the weights: use sparsezo merge or --format gguf")
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     dims = {n: tuple(delta.mask.shapes[n]) for n in names}  # (out, in)
-    r = max(math.ceil(delta.mask.indices[n].numel() / (o + i)) for n, (o, i) in dims.items())
-    too_dense = [n for n, (o, i) in dims.items() if r * (o + i) > o * i]
+    four_bit = any(isinstance(linears[n], NF4Linear) for n in names)
+    r, dense = plan_rank({n: delta.mask.indices[n].numel() for n in names}, dims,
+                         None if four_bit else dtype.itemsize)
+    too_dense = [n for n in names if n not in dense and r * sum(dims[n]) > dims[n][0] * dims[n][1]]
     if too_dense:
         raise SparseZOError(f"PEFT export: the densest layer needs SHiRA rank {r}, more entries than "
                             f"{too_dense[0]} has; the mask is too dense for SHiRA: use sparsezo merge or --format gguf")
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     tensors: dict[str, torch.Tensor] = {}
     stored = trained = inexact = 0
     for n in names:
         o, i = dims[n]
         idx = delta.mask.indices[n].to(torch.int64).cpu()
-        base = _base_values(linears[n], idx)
         target = delta.values[n].reshape(-1).cpu().to(dtype)  # what the merged model holds
+        module = n[: -len(".weight")]
+        trained += idx.numel()
+        if n in dense:  # the whole merged weight (and bias): exact by construction
+            w = linears[n].weight.detach().cpu().clone()
+            w.view(-1)[idx] = target
+            tensors[f"base_model.model.{n}"] = w
+            if linears[n].bias is not None:
+                tensors[f"base_model.model.{module}.bias"] = linears[n].bias.detach().cpu().clone()
+            continue
+        base = _base_values(linears[n], idx)
         v = target.float() - base.float()
         inexact += int((base.float() + v).to(dtype).ne(target).sum())
         pad = _padding(idx, o * i, r * (o + i))
         flat = torch.cat([idx, pad])
         order = flat.argsort()
         flat, v = flat[order], torch.cat([v, torch.zeros(pad.numel())])[order]
-        module = n[: -len(".weight")]
         tensors[f"base_model.model.{module}.shira_indices"] = torch.stack([flat // i, flat % i]).to(torch.int32)
         tensors[f"base_model.model.{module}.shira_weight"] = v.contiguous()
         stored += flat.numel()
-        trained += idx.numel()
     config = {
         "peft_type": "SHIRA", "r": r, "mask_type": "random", "random_seed": None, "fan_in_fan_out": False,
-        "init_weights": True, "inference_mode": True, "modules_to_save": None, "task_type": None,
-        "target_modules": sorted(n[: -len(".weight")] for n in names), "revision": None, "auto_mapping": None,
+        "init_weights": True, "inference_mode": True, "task_type": None, "revision": None, "auto_mapping": None,
+        "target_modules": sorted(n[: -len(".weight")] for n in names if n not in dense),
+        "modules_to_save": sorted(n[: -len(".weight")] for n in dense) or None,
         "base_model_name_or_path": base_name, "peft_version": _peft_version(),
     }
     with atomic_dir(out) as tmp:
         save_file(tensors, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
         write_json(Path(tmp) / "adapter_config.json", config)
-    info = {"out": str(out), "format": "peft", "peft_type": "SHIRA", "r": r, "layers": len(names),
-            "trained_entries": trained, "stored_entries": stored, "padding": round(1 - trained / stored, 4),
+    shira_trained = trained - sum(delta.mask.indices[n].numel() for n in dense)
+    info = {"out": str(out), "format": "peft", "peft_type": "SHIRA", "r": r, "layers": len(names) - len(dense),
+            "dense_layers": len(dense), "trained_entries": trained, "stored_entries": stored,
+            "padding": round(1 - shira_trained / stored, 4) if stored else 0.0,
             "bytes": (Path(out) / "adapter_model.safetensors").stat().st_size, "dtype": str(dtype).removeprefix("torch."),
             "inexact_entries": inexact, "supertuning_entries": supertuning_entries(delta)}
     if inexact:
@@ -157,7 +197,7 @@ def supertuning_entries(delta) -> int:
 
 def describe(info: dict[str, Any]) -> str:
     """One line for the CLI."""
-    return (f"SHiRA adapter r={info['r']} over {info['layers']} layers: {info['trained_entries']} trained entries "
-            f"stored as {info['stored_entries']} ({info['padding']:.1%} zero padding), {info['bytes']} bytes "
-            f"-> {info['out']}")
+    return (f"SHiRA adapter r={info['r']} over {info['layers']} layers (+ {info['dense_layers']} stored whole): "
+            f"{info['trained_entries']} trained entries, {info['stored_entries']} SHiRA entries ({info['padding']:.1%} "
+            f"zero padding), {info['bytes']} bytes -> {info['out']}")
 

@@ -13,7 +13,7 @@ import math
 import numbers
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,16 +25,21 @@ from .checkpoint import Delta, TrainState, check_resumable, save_checkpoint
 from .errors import SparseZOError, os_hint
 from .io import write_json, write_text
 from .evaluate import evaluate as evaluate_split
-from .scoring import LOSSES, encode, make_batch
+from .scoring import LOSSES, batch_loss, encode, make_batch
 from .tasks import Example, Task
-from .zo import StepRecord, TrainableParams, Trajectory, ZOConfig, ZOEngine
+from .zo import OPTIMIZERS, StepRecord, TrainableParams, Trajectory, ZOConfig, ZOEngine
 from .zo.fused import FusedPM, PMLoss
+from .zo.optim import forwards_per_step
 
 if TYPE_CHECKING:
     from .distributed import DistContext
 
 _log = logging.getLogger("sparsezo")
 DRIFT_WARN = 10.0  # warn when RMS(θ − θ₀) exceeds this many times RMS(θ₀): the weights are being overwritten
+IMPROVED_SE = 2.0  # "improved" = best dev above the step-0 dev by more than this many standard errors
+PROBE_SHARE = 0.1  # --lr auto spends at most this share of the run's training forwards
+PROBE_MAX_STEPS = 32  # ... and at most this many steps per candidate ("a few dozen")
+PROBE_DEV = 32  # dev examples the probe scores (the first ones: the same for every candidate)
 
 
 @dataclass
@@ -49,6 +54,8 @@ class TrainConfig:
     keep_best: bool = True  # MeZO: return the θ with the best dev accuracy, not the last one
     fused_pm: bool = False  # both perturbed forwards of a step as one stacked forward (zo/fused.py)
     zo: ZOConfig = field(default_factory=ZOConfig)
+    lr_auto: bool = False  # probe lr_grid on a dev subset first (see probe_lr); zo.lr is then set to the choice
+    lr_grid: tuple[float, ...] | None = None  # --lr auto's candidates (None: the optimiser's own grid)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size"):
@@ -58,6 +65,8 @@ class TrainConfig:
                 raise SparseZOError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.loss not in LOSSES:
             raise SparseZOError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.lr_grid is not None and not (self.lr_grid and all(math.isfinite(v) and v > 0 for v in self.lr_grid)):
+            raise SparseZOError(f"the --lr auto grid must hold finite lrs > 0, got {self.lr_grid}")
         self.zo.validate()
 
 
@@ -69,6 +78,102 @@ class TrainResult:
     seconds: float
     steps: int
     trajectory: Trajectory
+    start_dev: float  # the dev value at step 0 (the base model)
+    dev_noise: float  # its standard error (see :func:`improvement`)
+    improved: bool  # best_dev > start_dev + IMPROVED_SE · dev_noise
+    lr_probe: dict[str, Any] | None  # --lr auto's report (candidates, dev losses, choice, forwards), or None
+
+
+def improvement(start: float, best: float, best_step: int, n: int) -> tuple[float, bool]:
+    """(standard error of the step-0 dev value, whether ``best`` beats it by more than IMPROVED_SE of them).
+
+    The dev metric is a mean of ``n`` per-example scores in [0, 1] (accuracy, F1), whose
+    variance is at most p(1 − p) — the binomial one for accuracy. p is the Agresti–Coull-style
+    (x + 1)/(n + 2), so a step-0 value of 0 or 1 still has noise. Two standard errors, not one:
+    the best of several noisy evaluations beats the first by about one on its own, with no
+    learning at all. A run whose best is step 0 never improved.
+    """
+    p = (start * n + 1) / (n + 2)
+    se = math.sqrt(p * (1 - p) / max(n, 1))
+    return se, best_step > 0 and best - start > IMPROVED_SE * se
+
+
+def _not_improved_hint(history: list[dict[str, Any]], key: str, start: float, se: float, lr: float) -> str:
+    """What to try when nothing was learned: lower lr when the dev value fell, else raise lr or steps."""
+    later = [r[key] for r in history if key in r and r["step"] > 0]
+    fell = bool(later) and min(later) < start - IMPROVED_SE * se
+    what = (f"the dev value fell below the base's: lr {lr:g} is too large, try --lr {lr / 3:.3g}" if fell else
+            f"the dev value stayed within noise: try --lr {lr * 3:.3g} or more --steps")
+    return f"{what}, or --lr auto to probe a grid of lrs first"
+
+
+def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list[Example], cfg: TrainConfig,
+             fused: FusedPM | None = None, progress: bool = True) -> dict[str, Any]:
+    """``--lr auto``: a few ZO steps from θ₀ per candidate lr, keep the one with the lowest dev loss.
+
+    Why the dev *loss* (cfg.loss over the first PROBE_DEV dev examples) and not accuracy: a few
+    dozen steps move accuracy by less than its noise, the loss moves measurably. Every candidate
+    runs the run's own first steps (same batches, same noise seeds: common random numbers, so
+    the candidates differ only in lr), from the same θ₀, which is restored afterwards. A
+    candidate that diverges (non-finite loss or θ) scores None. The cost, counted in forwards
+    over a training batch (ZO forwards + dev examples / batch size), is capped at PROBE_SHARE
+    of the run's ZO forwards; the steps per candidate are what fits, at most PROBE_MAX_STEPS.
+    """
+    grid = list(cfg.lr_grid or OPTIMIZERS[cfg.zo.optimizer].lr_grid(params.numel))
+    fps = forwards_per_step(cfg.zo.optimizer, cfg.zo.q)
+    run_forwards = cfg.steps * fps
+    cap = int(PROBE_SHARE * run_forwards)
+    sub = dev[:PROBE_DEV]
+    chunks = [sub[i : i + cfg.batch_size] for i in range(0, len(sub), cfg.batch_size)]
+    eval_cost = len(chunks)  # forwards of one dev-loss measurement
+    steps_each = min(PROBE_MAX_STEPS, (cap - eval_cost * (len(grid) + 1)) // (len(grid) * fps))
+    if steps_each < 2:
+        need = math.ceil((eval_cost * (len(grid) + 1) + 2 * len(grid) * fps) / (PROBE_SHARE * fps))
+        raise SparseZOError(f"--lr auto needs at least {need} --steps to probe {len(grid)} lrs within "
+                            f"{PROBE_SHARE:.0%} of the run's forwards ({cfg.steps} given); pass a --lr instead")
+    device = params.theta.device
+    batches = [(make_batch(encode(tokenizer, c), tokenizer.pad_token_id, device=device), len(c)) for c in chunks]
+
+    def dev_loss() -> float | None:
+        value = sum(batch_loss(model, b, cfg.loss) * n for b, n in batches) / len(sub)
+        return value if math.isfinite(value) else None
+
+    theta0 = params.theta.clone()
+    start = dev_loss()
+    losses: list[float | None] = []
+    bar = tqdm(total=len(grid) * steps_each, desc="lr probe", unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        for lr in grid:
+            engine = ZOEngine(params, replace(cfg.zo, lr=lr), cfg.steps, fused=fused)
+            try:
+                for t in range(steps_each):
+                    idx = batch_indices(cfg.zo.seed, t, len(encoded), cfg.batch_size)
+                    engine.step(t, PMLoss(model, make_batch([encoded[i] for i in idx], tokenizer.pad_token_id,
+                                                            device=device), cfg.loss))
+                    bar.update(1)
+                losses.append(dev_loss())
+            except SparseZOError:  # diverged: θ or a loss left the finite floats
+                losses.append(None)
+                bar.update(steps_each - t - 1)
+            params.theta.copy_(theta0)
+            params.restore()
+    finally:
+        bar.close()
+    scored = [(v, k) for k, v in enumerate(losses) if v is not None]
+    if not scored:
+        raise SparseZOError(f"--lr auto: every candidate lr {grid} diverged within {steps_each} steps; pass a smaller "
+                            "--lr, or a larger --eps")
+    best_loss, best = min(scored)  # ties: the smaller lr (grids ascend)
+    if start is not None and best_loss >= start:
+        _log.warning("warning: --lr auto: no candidate lr lowered the dev loss in %d steps (%.4f at the start); "
+                     "using the one that raised it least, %g", steps_each, start, grid[best])
+    forwards = len(grid) * steps_each * fps + (len(grid) + 1) * eval_cost
+    report = {"lr": grid[best], "candidates": grid, "dev_loss": losses, "start_dev_loss": start,
+              "steps_each": steps_each, "dev_examples": len(sub), "forwards": forwards, "cap_forwards": cap,
+              "run_forwards": run_forwards}
+    _log.info("--lr auto: lr %g (dev loss %.4f, start %s) from %s; %d forwards = %.1f%% of the run's %d",
+              grid[best], best_loss, start, grid, forwards, 100 * forwards / run_forwards, run_forwards)
+    return report
 
 
 class DriftWatch:
@@ -158,12 +263,20 @@ def fine_tune(
     values it returns are added to that step's metrics row (e.g. a held-out curve that must not
     steer selection). It is not called again on resume for steps already logged.
     ``tensorboard`` (a log folder) mirrors every metrics row there as TensorBoard scalars.
+
+    With ``cfg.lr_auto`` the lr is first chosen by :func:`probe_lr` (its report is the first
+    metrics row, so a resumed run reuses it instead of probing again) and ``cfg.zo.lr`` is set
+    to it. The result says whether anything was learned (``improved``, see
+    :func:`improvement`); when not, a warning says what to try.
     """
     from .models import model_fingerprint
 
     cfg.validate()
     if not train or not dev:
         raise SparseZOError("training needs non-empty train and dev splits; raise --num-train/--num-dev")
+    if dist is not None and (cfg.lr_auto or OPTIMIZERS[cfg.zo.optimizer].needs_center):
+        raise SparseZOError("--lr auto and --optimizer hizoo run in one process only; probe or train with one "
+                            "process, then pass its lr / use another optimizer with --nproc")
     fingerprint = model_fingerprint(model)  # base θ and model, recorded in checkpoints (refused on resume if changed)
     fused = None
     if dist is None:
@@ -218,6 +331,17 @@ def fine_tune(
 
     t0 = time.perf_counter()
     drift = DriftWatch(params.theta, params.dtype)
+    lr_probe = None
+    if cfg.lr_auto and resume:
+        lr_probe = next((r["lr_auto"] for r in history if "lr_auto" in r), None)
+        if lr_probe is None:
+            raise SparseZOError("the checkpoint's history holds no --lr auto probe: the run was not started with "
+                                "--lr auto; restore its config.json")
+    elif cfg.lr_auto:
+        lr_probe = probe_lr(model, tokenizer, params, encoded, dev, cfg, fused, progress)
+        log({"step": 0, "lr_auto": lr_probe})
+    if lr_probe is not None:
+        cfg.zo.lr = lr_probe["lr"]  # the engine reads its lr from this config at every step
     if resume:
         params.theta.copy_(resume.theta)
         params.restore()
@@ -240,7 +364,8 @@ def fine_tune(
             rec: StepRecord = engine.step(step, loss) if dist is None else engine.step(step, loss, len(idx))
             trajectory.append(rec)
             running = rec.loss if running is None else 0.95 * running + 0.05 * rec.loss
-            log({"step": step + 1, "loss": rec.loss, "grad": rec.grads, "seed": rec.seeds, "lr": rec.lr})
+            log({"step": step + 1, "loss": rec.loss, "grad": rec.grads, "seed": rec.seeds, "lr": rec.lr,
+                 **({"curv": rec.curvs} if rec.curvs is not None else {})})
             drift.check(params.theta, step + 1, rec.lr)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 acc = evaluate(step + 1)
@@ -263,7 +388,15 @@ def fine_tune(
             board.close()
     params.theta.copy_(best_theta)
     params.restore()
-    return TrainResult(best_step, best_acc, history, time.perf_counter() - t0, cfg.steps, trajectory)
+    key, start_dev = next((k, v) for r in history if r["step"] == 0 for k, v in r.items() if k.startswith("dev_"))
+    noise, improved = improvement(start_dev, best_acc, best_step, len(dev))
+    if not improved:
+        _log.warning("warning: nothing was learned: best dev %s %.4f at step %d vs %.4f at step 0 (noise ±%.4f over "
+                     "%d dev examples): %s; %s", key[4:], best_acc, best_step, start_dev, noise, len(dev),
+                     "the result is the base model" if best_step == 0 else "the gain is within noise",
+                     _not_improved_hint(history, key, start_dev, noise, cfg.zo.lr))
+    return TrainResult(best_step, best_acc, history, time.perf_counter() - t0, cfg.steps, trajectory, start_dev,
+                       noise, improved, lr_probe)
 
 
 def run_meta(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:

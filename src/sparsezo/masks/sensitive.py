@@ -174,7 +174,7 @@ def plan_passes(model: nn.Module, params: dict[str, nn.Parameter], rows: int, se
     elif score_memory is not None:
         budget = score_memory
     else:
-        budget = None if limit is None else int(limit - fixed - act)
+        budget = None if limit is None else int(0.9 * limit - fixed - act)  # 10%: allocator slack, estimate error
     need = fixed + act + (4 * largest if n_mb > 1 else 0)
     if limit is not None and need > limit:
         raise SparseZOError(

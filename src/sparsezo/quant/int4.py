@@ -33,6 +33,7 @@ import contextlib
 import functools
 import logging
 import types
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -42,6 +43,9 @@ from torch import nn
 from ..errors import SparseZOError
 
 log = logging.getLogger(__name__)
+# torch.sparse_csr_tensor warns on every first use that CSR support is "beta"; the one product we
+# use (CSR × dense, fp32) is tested here, and the warning would be printed on every run.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 GROUP = 64
 GROUPS = (32, 64, 128)
@@ -86,7 +90,7 @@ def dequantize(qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int, dt
     return w.reshape(n, k).to(dtype)
 
 
-# --- the CPU matmul ------------------------------------------------------------------------
+# --- compiled CPU kernels ------------------------------------------------------------------
 
 def _mm(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, qweight, group, scales_zeros)
@@ -108,38 +112,84 @@ def _weights_as_inputs() -> Iterator[None]:
 
 
 _COMPILED: dict[tuple[int, int, int], Callable | None] = {}
+_COMPILED_DEQUANT: dict[tuple[int, int, int], Callable | None] = {}
+
+
+def _per_shape(fn: Callable, name: str) -> Callable:
+    """A copy of ``fn`` with its own code object, so each weight shape compiles once and shapes
+    never share (and exhaust) one recompile budget."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name)
 
 
 def _compiled(n: int, k: int, group: int) -> Callable | None:
-    """One compiled int4 matmul per weight shape (its own code object, so shapes never share a
-    recompile budget); None once it has failed here."""
+    """The compiled int4 matmul of one weight shape; None once it has failed here."""
     key = (n, k, group)
     if key not in _COMPILED:
-        code = _mm.__code__.replace(co_name=f"_int4_mm_{n}x{k}_g{group}")
-        fn = types.FunctionType(code, _mm.__globals__, code.co_name)
-        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, options={
-            "max_autotune": True, "max_autotune_gemm_backends": "CPP"})  # never ATen: it reads another layout
+        _COMPILED[key] = torch.compile(_per_shape(_mm, f"_int4_mm_{n}x{k}_g{group}"), dynamic=False, fullgraph=True,
+                                       options={"max_autotune": True,
+                                                "max_autotune_gemm_backends": "CPP"})  # never ATen: another layout
     return _COMPILED[key]
+
+
+def _compiled_dequant(n: int, k: int, group: int) -> Callable | None:
+    """The compiled (fused, 3-5× faster than eager) :func:`dequantize` of one shape; None once failed.
+    (The exact entries are written afterwards, eagerly: their count differs between layers of a
+    shape, and a compiled function taking them would recompile per layer.)"""
+    key = (n, k, group)
+    if key not in _COMPILED_DEQUANT:
+        _COMPILED_DEQUANT[key] = torch.compile(_per_shape(dequantize, f"_int4_dequant_{n}x{k}_g{group}"),
+                                               dynamic=False, fullgraph=True)
+    return _COMPILED_DEQUANT[key]
 
 
 def _reference(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
     return x.float() @ dequantize(qweight, scales_zeros, group, torch.float32).T
 
 
-def sparse_add_(y: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, in_features: int, delta: torch.Tensor) -> None:
-    """y[:, r] += Σ x[:, c] · delta over the flat entries idx = r·in + c, in place.
+CSR_MAX_ROWS = 256  # up to this many rows of x the correction is a CSR sparse × dense product
+# The 4-bit matmul + correction path serves at most CSR_MAX_ROWS rows and layers of at least this
+# many weights; smaller layers dequantize (compiled: ~2 ms for SmolLM2's largest) and run dense,
+# which measured 2-5× faster there than the kernel's and the correction's fixed costs.
+KERNEL_MIN_WEIGHTS = 1 << 22
+
+
+def sparse_layout(idx: torch.Tensor, in_features: int, out_features: int) -> tuple[torch.Tensor, ...]:
+    """(rows, cols, CSR row pointers) of flat entries ``idx``: computed once per layer, since
+    every small op of a forward costs milliseconds on oversubscribed cores."""
+    rows, cols = idx // in_features, idx % in_features
+    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=idx.device)
+    crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
+    return rows, cols, crow
+
+
+def sparse_add_(y: torch.Tensor, x: torch.Tensor, layout: tuple[torch.Tensor, ...], delta: torch.Tensor) -> None:
+    """y[:, r] += Σ x[:, c] · delta over the entries (r, c) of ``layout`` (:func:`sparse_layout`), in place.
 
     ``delta`` is [k] (every row of x) or [H, k] for H equal consecutive row groups of x (the ±ε
-    halves of a fused forward). Products are formed in fp32 and added in y's dtype: a gather of
-    M × k inputs and one ``index_add_``, no M × N temporary.
+    halves of a fused forward). Measured on the 7B shapes (1 thread): at 32-64 rows a CSR
+    sparse × dense product (fp32) costs 0.15-0.2× the dense matmul, a gather + ``index_add_``
+    ~0.7×; at thousands of rows the CSR product's transposes cost more than the gather, which
+    there takes a bf16 ``index_select`` (one M × k temporary) and ``index_add_``.
     """
-    rows, cols = idx // in_features, idx % in_features
-    prod = x[:, cols].float()
-    if delta.dim() == 2:
-        prod = (prod.view(delta.shape[0], -1, idx.numel()) * delta[:, None, :]).view(x.shape[0], -1)
-    else:
-        prod = prod * delta
-    y.index_add_(1, rows, prod.to(y.dtype))
+    rows, cols, crow = layout
+    n, k, in_features = y.shape[1], rows.numel(), x.shape[1]
+    if k == 0:  # a layer the mask left without entries (a global top-k can)
+        return
+    deltas = delta.reshape(-1, k)
+    xs, ys = x.view(deltas.shape[0], -1, in_features), y.view(deltas.shape[0], -1, n)
+    if xs.shape[1] <= CSR_MAX_ROWS:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a ~1-10 ms product: 10x slower with 2 threads on busy cores (measured)
+        try:
+            for xh, yh, dh in zip(xs, ys, deltas):
+                s = torch.sparse_csr_tensor(crow, cols, dh.float(), (n, in_features), check_invariants=False)
+                yh.add_(torch.sparse.mm(s, xh.float().t()).t())
+        finally:
+            torch.set_num_threads(threads)
+        return
+    for xh, yh, dh in zip(xs, ys, deltas):
+        yh.index_add_(1, rows, xh.index_select(1, cols).mul_(dh.to(x.dtype)))
 
 
 # --- the layer -----------------------------------------------------------------------------
@@ -167,6 +217,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("head", torch.empty(min(64, n), dtype=dtype, device=device))  # for model fingerprints
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._aten_pack: torch.Tensor | None = None  # the eager CPU kernel's own packing, built on first use
+        self._layout: tuple[torch.Tensor, ...] | None = None  # sparse_layout of idx, built on first use
 
     @classmethod
     def from_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor | None,
@@ -189,7 +240,7 @@ class Int4Linear(nn.Module):
         q, scale, zero = _qparams(w, self.group, self.dtype)
         self.qweight.copy_(pack(q))
         self.scales_zeros.copy_(torch.stack([scale, zero], -1).transpose(0, 1))
-        self._aten_pack = None
+        self._aten_pack = self._layout = None
         if idx is not None:
             self.idx.copy_(idx.to(self.idx))
         flat = w.reshape(-1)
@@ -200,15 +251,32 @@ class Int4Linear(nn.Module):
         self.qvalues.copy_((q[rows, cols].float() - 8) * s[:, 0] + s[:, 1])
 
     def dequantized(self) -> torch.Tensor:
-        """The dense weight this layer stands for (dequantized codes, masked entries exact)."""
-        w = dequantize(self.qweight, self.scales_zeros, self.group, self.dtype)
+        """The dense weight this layer stands for (dequantized codes, masked entries exact).
+
+        On CPU through the compiled kernel when it gives the eager function's bytes (checked on
+        first use of each shape), so forward and the merged export always agree exactly.
+        """
+        args = (self.qweight, self.scales_zeros, self.group, self.dtype)
+        key = (self.out_features, self.in_features, self.group)
+        fn = _compiled_dequant(*key) if self.qweight.device.type == "cpu" else None
+        w = None
+        if fn is not None:
+            try:
+                with torch.no_grad():
+                    w = fn(*args)
+                if not getattr(fn, "sparsezo_checked", False):
+                    if not torch.equal(w, dequantize(*args)):
+                        raise SparseZOError("compiled int4 dequantization differs from the eager one")
+                    fn.sparsezo_checked = True
+            except Exception as e:  # noqa: BLE001 — the compiled path is optional: fall back to eager
+                log.info("int4 %dx%d: compiled dequantization unavailable (%s); using eager", key[0], key[1], e)
+                _COMPILED_DEQUANT[key] = w = None
+        w = dequantize(*args) if w is None else w
         w.view(-1).index_copy_(0, self.idx, self.values)
         return w
 
     def base_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """[M, K] → [M, N]: the 4-bit matmul alone (no exact entries, no bias)."""
-        if x.device.type != "cpu":
-            return F.linear(x, dequantize(self.qweight, self.scales_zeros, self.group, x.dtype))
+        """[M, K] → [M, N] on CPU: the 4-bit matmul alone (no exact entries, no bias)."""
         x = x.contiguous()
         if x.dtype == torch.bfloat16 and x.shape[0] > 0:
             y = self._amx_mm(x)
@@ -243,13 +311,26 @@ class Int4Linear(nn.Module):
             return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Up to ``CSR_MAX_ROWS`` rows of a big layer on CPU: 4-bit matmul + sparse correction.
+        Otherwise (more rows, a small layer, another device): dequantize, write the exact entries,
+        dense matmul — the dequantization is then small next to the matmul, the correction is not."""
         x2 = x.reshape(-1, self.in_features)
-        y = self.base_mm(x2)
-        if self.idx.numel():
-            sparse_add_(y, x2, self.idx, self.in_features, self.values.float() - self.qvalues)
+        small = self.in_features * self.out_features < KERNEL_MIN_WEIGHTS
+        if x2.device.type != "cpu" or x2.shape[0] > CSR_MAX_ROWS or small:
+            y = F.linear(x2, self.dequantized())
+        else:
+            y = self.base_mm(x2)
+            if self.idx.numel():
+                sparse_add_(y, x2, self.layout(), self.values.float() - self.qvalues)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def layout(self) -> tuple[torch.Tensor, ...]:
+        """:func:`sparse_layout` of the exact entries (idx is fixed once the layer is filled)."""
+        if self._layout is None:
+            self._layout = sparse_layout(self.idx, self.in_features, self.out_features)
+        return self._layout
 
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers()) + (

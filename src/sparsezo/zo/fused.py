@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import SparseZOError
 from ..quant import QUANT_LAYERS
-from ..quant.int4 import sparse_add_
+from ..quant.int4 import sparse_add_, sparse_layout
 from ..scoring import Batch, batch_loss, candidate_logprobs, loss_from_scores
 from .trainable import TrainableParams
 
@@ -69,7 +69,8 @@ class FusedPM:
             module = model.get_submodule(name.rpartition(".")[0])
             idx = module.idx if isinstance(module, QUANT_LAYERS) else params.indices[k]
             s, e = params.offsets[k], params.offsets[k + 1]
-            self._hooks.append(module.register_forward_hook(self._hook(idx, module.in_features, s, e)))
+            layout = sparse_layout(idx, module.in_features, module.out_features)
+            self._hooks.append(module.register_forward_hook(self._hook(layout, module.in_features, s, e)))
 
     @staticmethod
     def unsupported(model: nn.Module, params: TrainableParams) -> str | None:
@@ -87,14 +88,14 @@ class FusedPM:
     def supports(model: nn.Module, params: TrainableParams) -> bool:
         return FusedPM.unsupported(model, params) is None
 
-    def _hook(self, idx: torch.Tensor, in_features: int, s: int, e: int) -> Callable:
+    def _hook(self, layout: tuple[torch.Tensor, ...], in_features: int, s: int, e: int) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if self._delta is None:
                 return
             x = inputs[0].reshape(-1, in_features)
             if x.shape[0] % 2:
                 raise SparseZOError("a fused ±ε forward needs the batch stacked on itself (an even row count)")
-            sparse_add_(output.view(x.shape[0], -1), x, idx, in_features, self._delta[:, s:e])
+            sparse_add_(output.view(x.shape[0], -1), x, layout, self._delta[:, s:e])
         return hook
 
     @torch.no_grad()

@@ -10,10 +10,26 @@ from __future__ import annotations
 import torch
 
 
+REF_NUMEL = 106_168  # SmolLM2-135M's sensitive 0.1% set, where lr 1e-4 was measured best for ZO-SGD (DESIGN §8)
+GRID_STEPS = (0.1, 0.3, 1.0, 3.0, 10.0)  # --lr auto's candidates: a half-decade log grid around a centre
+
+
 class SGD:
     """ZO-SGD (MeZO): θ ← θ − lr·(ĝ + wd·θ)."""
 
     state_names: tuple[str, ...] = ()
+    needs_center = False  # True: the engine also measures L(θ) each step (one more forward) for update_
+    lr_ref = 1e-4  # the centre of the --lr auto grid at REF_NUMEL trainable entries
+
+    @classmethod
+    def lr_grid(cls, numel: int) -> tuple[float, ...]:
+        """Candidate lrs for ``--lr auto`` on ``numel`` trainable entries.
+
+        ZO-SGD's stable lr falls as 1/|θ| (the estimate's variance grows with the dimension:
+        1e-4 at 0.1% of SmolLM2, MeZO's 1e-6…1e-7 on all weights), so the centre scales with it.
+        """
+        centre = cls.lr_ref * REF_NUMEL / max(numel, 1)
+        return tuple(float(f"{centre * k:.3g}") for k in GRID_STEPS)
 
     def __init__(self, numel: int, device, weight_decay: float = 0.0, **_: float):
         self.wd = weight_decay
@@ -34,6 +50,7 @@ class Momentum(SGD):
     """Heavy-ball momentum on the ZO gradient estimate."""
 
     state_names = ("momentum",)
+    lr_ref = 1e-5  # heavy-ball with β₁ = 0.9 moves 1/(1 − β₁) = 10× as far as SGD per lr
 
     def __init__(self, numel: int, device, weight_decay: float = 0.0, beta1: float = 0.9, **_: float):
         super().__init__(numel, device, weight_decay)
@@ -49,6 +66,11 @@ class Adam(SGD):
     """Adam on the ZO gradient estimate (ZO-Adam in ZO-Bench)."""
 
     state_names = ("exp_avg", "exp_avg_sq")
+    fixed_grid = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4)  # per-entry steps of ~lr whatever |θ|: no dimension scaling
+
+    @classmethod
+    def lr_grid(cls, numel: int) -> tuple[float, ...]:
+        return cls.fixed_grid
 
     def __init__(self, numel: int, device, weight_decay: float = 0.0, beta1: float = 0.9,
                  beta2: float = 0.999, adam_eps: float = 1e-8, **_: float):
@@ -67,11 +89,23 @@ class Adam(SGD):
 class SignSGD(SGD):
     """ZO-SignSGD: only the sign of the estimate is used (robust to the scale of g)."""
 
+    lr_grid = Adam.lr_grid  # every entry moves exactly lr a step, as Adam's normalised step
+
     def direction(self, theta, grad, s, e, t):
         return grad.sign()
 
 
-OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "sign": SignSGD}
+from .hizoo import HiZOO  # noqa: E402  (it builds on SGD above)
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "sign": SignSGD, "hizoo": HiZOO}
+
+
+def forwards_per_step(optimizer: str, q: int) -> int:
+    """Forward passes over a training batch per step: 2 per query, plus L(θ) for curvature-based rules.
+
+    A fused ±ε forward (--fused-pm) runs the 2q as q forwards over a doubled batch: the same rows.
+    """
+    return 2 * q + int(OPTIMIZERS[optimizer].needs_center)
 
 
 def lr_at(schedule: str, lr: float, step: int, total: int, warmup: int = 0) -> float:

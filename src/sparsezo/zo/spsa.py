@@ -73,13 +73,17 @@ class ZOConfig:
 
 @dataclass
 class StepRecord:
-    """Everything needed to replay a step: its seeds, projected gradients and learning rate."""
+    """Everything needed to replay a step: its seeds, projected gradients and learning rate.
+
+    ``curvs`` (per query, (L+ + L− − 2·L(θ))/ε²) only for optimisers that measure L(θ) (hizoo).
+    """
 
     step: int
     seeds: list[int]
     grads: list[float]
     lr: float
     loss: float
+    curvs: list[float] | None = None
 
 
 class ZOEngine:
@@ -138,8 +142,12 @@ class ZOEngine:
         theta, eps = self.params.theta[s:e], self.cfg.eps
         return (self.params.rounded(theta + eps * z) - self.params.rounded(theta - eps * z)) / (2 * eps)
 
-    def apply(self, step: int, seeds: list[int], grads: list[float], lr: float) -> None:
+    def apply(self, step: int, seeds: list[int], grads: list[float], lr: float,
+              curvs: list[float] | None = None) -> None:
         """θ ← optimizer(θ, mean_i g_i d_i), then write θ into the weights. Used by replay too.
+
+        ``curvs`` (optimisers with ``needs_center``) also give the optimiser mean_i |c_i| d_i²,
+        built from the same directions in the same pass.
 
         Raises :class:`SparseZOError` when θ leaves the finite floats: a bounded loss (``acc``)
         stays finite while θ overflows, so the loss check alone would let a NaN delta be saved.
@@ -151,7 +159,15 @@ class ZOEngine:
             grad = torch.mul(self.direction(seeds[0], s, e), grads[0] / q)  # = 0 + the first term, one pass less
             for seed, g in zip(seeds[1:], grads[1:]):
                 grad.add_(self.direction(seed, s, e), alpha=g / q)
-            self.opt.update_(self.params.theta[s:e], grad, s, e, lr, step)
+            if curvs is None:
+                self.opt.update_(self.params.theta[s:e], grad, s, e, lr, step)
+            else:
+                curv = torch.zeros_like(grad)
+                for seed, c in zip(seeds, curvs):
+                    d = self.direction(seed, s, e)  # cached within the step: no second generation
+                    curv.addcmul_(d, d, value=abs(c) / q)
+                self.opt.update_(self.params.theta[s:e], grad, s, e, lr, step, curv=curv,
+                                 curv_scale=sum(abs(c) for c in curvs) / q)
             finite = finite and bool(torch.isfinite(self.params.theta[s:e]).all())
         self._z.clear()
         if not finite:
@@ -162,35 +178,41 @@ class ZOEngine:
     def step(self, step: int, loss_fn: Callable[[], float]) -> StepRecord:
         """One ZO step at 0-based ``step``; raises on a non-finite loss, leaving θ untouched."""
         seeds, lps, lms = [], [], []
+        # L(θ) for curvature (hizoo): the weights hold cast(θ) here, restored after the last update
+        l0 = loss_fn() if self.opt.needs_center else None
         for i in range(self.cfg.q):
             seed = step_seed(self.cfg.seed, step, i)
             lp, lm = self.perturbed_losses(seed, loss_fn)
             seeds.append(seed), lps.append(lp), lms.append(lm)
             if not (math.isfinite(lp) and math.isfinite(lm)):
                 break  # no point measuring the other queries
-        return self.finish(step, seeds, lps, lms)
+        return self.finish(step, seeds, lps, lms, l0)
 
-    def finish(self, step: int, seeds: list[int], lps: list[float], lms: list[float]) -> StepRecord:
-        """Turn the measured L± of each query into projected gradients and apply the update.
+    def finish(self, step: int, seeds: list[int], lps: list[float], lms: list[float],
+               l0: float | None = None) -> StepRecord:
+        """Turn the measured L± of each query (and L(θ), ``l0``, if measured) into projected
+        gradients (and curvatures) and apply the update.
 
         Shared with query-parallel training, which measures the queries on several processes.
         """
         for lp, lm in zip(lps, lms):
-            if not (math.isfinite(lp) and math.isfinite(lm)):
+            if not (math.isfinite(lp) and math.isfinite(lm) and (l0 is None or math.isfinite(l0))):
                 self._z.clear()
                 self.params.restore()
                 raise SparseZOError(
-                    f"loss became non-finite at step {step} (L+={lp}, L-={lm}); lower --lr or --eps and retry"
+                    f"loss became non-finite at step {step} (L+={lp}, L-={lm}, L0={l0}); lower --lr or --eps "
+                    "and retry"
                 )
         grads = [(lp - lm) / (2 * self.cfg.eps) for lp, lm in zip(lps, lms)]
-        if not all(math.isfinite(g) for g in grads):  # finite losses over a tiny eps can still overflow
+        curvs = None if l0 is None else [(lp + lm - 2 * l0) / self.cfg.eps**2 for lp, lm in zip(lps, lms)]
+        if not all(math.isfinite(g) for g in grads + (curvs or [])):  # finite losses over a tiny eps can still overflow
             self._z.clear()
             self.params.restore()
             raise SparseZOError(f"the projected gradient overflowed at step {step} ({grads}); raise --eps")
         losses = [0.5 * (lp + lm) for lp, lm in zip(lps, lms)]
         lr = lr_at(self.cfg.schedule, self.cfg.lr, step, self.total_steps, self.cfg.warmup)
-        self.apply(step, seeds, grads, lr)
-        return StepRecord(step, seeds, grads, lr, sum(losses) / len(losses))
+        self.apply(step, seeds, grads, lr, curvs)
+        return StepRecord(step, seeds, grads, lr, sum(losses) / len(losses), curvs)
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)

@@ -7,6 +7,11 @@ replaying the updates rebuilds θ bit-identically without any data or forward pa
 
 Gradients and learning rates are float64 because that is what the update computes with
 (Python floats); anything narrower would break bit-identity.
+
+Format 2 adds ``curvs`` (per step and query, the curvature (L+ + L− − 2·L(θ))/ε² that the
+``hizoo`` optimiser's state is built from). It is written only by runs that record curvatures;
+every other run still writes format 1 byte for byte as before, so older sparsezo versions keep
+reading them, and format-1 files load here unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from ..io import check_values, json_field, load_tensors, save_tensors
 from .spsa import StepRecord, ZOConfig, ZOEngine
 from .trainable import TrainableParams
 
-FORMAT = "sparsezo.trajectory/1"
+FORMAT_V1 = "sparsezo.trajectory/1"
+FORMAT = "sparsezo.trajectory/2"  # = format 1 + "curvs"
 
 
 @dataclass
@@ -33,6 +39,7 @@ class Trajectory:
     grads: list[list[float]] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    curvs: list[list[float]] = field(default_factory=list)  # one row per step, or none at all
 
     def __len__(self) -> int:
         return len(self.lrs)
@@ -40,24 +47,34 @@ class Trajectory:
     def append(self, rec: StepRecord) -> None:
         if rec.step != len(self):
             raise SparseZOError(f"trajectory has {len(self)} steps, cannot append step {rec.step}")
+        if len(self) and (rec.curvs is not None) != bool(self.curvs):  # all steps record curvatures, or none
+            raise SparseZOError(f"step {rec.step} {'lacks' if rec.curvs is None else 'adds'} curvatures the "
+                                "trajectory's other steps " + ("have" if rec.curvs is None else "lack"))
+        if rec.curvs is not None:
+            self.curvs.append(list(rec.curvs))
         self.seeds.append(list(rec.seeds))
         self.grads.append(list(rec.grads))
         self.lrs.append(rec.lr)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         q = len(self.seeds[0]) if self.seeds else 0
-        return {
+        out = {
             "seeds": torch.tensor(self.seeds, dtype=torch.int64).reshape(len(self), q),
             "grads": torch.tensor(self.grads, dtype=torch.float64).reshape(len(self), q),
             "lrs": torch.tensor(self.lrs, dtype=torch.float64),
         }
+        if self.curvs:
+            out["curvs"] = torch.tensor(self.curvs, dtype=torch.float64).reshape(len(self), q)
+        return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> "Trajectory":
-        return cls(tensors["seeds"].tolist(), tensors["grads"].tolist(), tensors["lrs"].tolist(), dict(meta or {}))
+        curvs = tensors["curvs"].tolist() if "curvs" in tensors else []
+        return cls(tensors["seeds"].tolist(), tensors["grads"].tolist(), tensors["lrs"].tolist(), dict(meta or {}),
+                   curvs)
 
     def save(self, path: str | os.PathLike) -> None:
-        save_tensors(path, self.tensors(), dict(self.meta, format=FORMAT))
+        save_tensors(path, self.tensors(), dict(self.meta, format=FORMAT if self.curvs else FORMAT_V1))
 
     @classmethod
     def checked(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> "Trajectory":
@@ -79,6 +96,8 @@ class Trajectory:
             raise SparseZOError(f"{where}: seeds is {str(seeds.dtype).removeprefix('torch.')} {list(seeds.shape)}, "
                                 f"expected int64 [{steps} steps, q]; the file is corrupt")
         check_values(grads, f"{where}: grads", (torch.float64,), shape=(steps, q) if steps else None)
+        if "curvs" in tensors:
+            check_values(tensors["curvs"], f"{where}: curvs", (torch.float64,), shape=(steps, q) if steps else None)
         if (lrs < 0).any():
             raise SparseZOError(f"{where}: lrs holds negative learning rates; the file is corrupt")
         if "zo" in meta:
@@ -101,8 +120,12 @@ class Trajectory:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Trajectory":
         tensors, meta = load_tensors(path, "trajectory")
-        if meta.get("format") != FORMAT:
-            raise SparseZOError(f"{path} has format {meta.get('format')!r}, expected a sparsezo trajectory ({FORMAT})")
+        fmt = meta.get("format")
+        if fmt not in (FORMAT_V1, FORMAT):
+            raise SparseZOError(f"{path} has format {fmt!r}, expected a sparsezo trajectory ({FORMAT_V1} or {FORMAT})")
+        if (fmt == FORMAT) != ("curvs" in tensors):
+            raise SparseZOError(f"{path}: format {fmt} {'lacks' if fmt == FORMAT else 'must not hold'} 'curvs'; "
+                                "the file is corrupt")
         meta.pop("format")
         return cls.checked(tensors, meta, f"trajectory {path}")
 
@@ -118,7 +141,11 @@ class Trajectory:
         if steps > len(self):
             raise SparseZOError(f"cannot replay {steps} steps: the trajectory holds {len(self)}")
         engine = ZOEngine(params, cfg, max(steps, 1), cache_bytes=0)
+        if engine.opt.needs_center and steps and not self.curvs:
+            raise SparseZOError(f"optimizer {cfg.optimizer!r} needs the per-step curvatures, and this trajectory "
+                                "records none (it was not trained with that optimizer)")
         for t in range(steps):
-            engine.apply(t, self.seeds[t], self.grads[t], self.lrs[t])
+            curvs = self.curvs[t] if engine.opt.needs_center else None
+            engine.apply(t, self.seeds[t], self.grads[t], self.lrs[t], curvs)
             if progress is not None:
                 progress.update(1)
