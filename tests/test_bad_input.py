@@ -586,8 +586,8 @@ def test_diverged_theta_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, 
 
     real = spsa.ZOEngine.apply
 
-    def overflow_at_step_5(self, step, seeds, grads, lr):
-        return real(self, step, seeds, grads, float("inf") if step == 5 else lr)
+    def overflow_at_step_5(self, step, seeds, grads, lr, *rest):
+        return real(self, step, seeds, grads, float("inf") if step == 5 else lr, *rest)
 
     monkeypatch.setattr(spsa.ZOEngine, "apply", overflow_at_step_5)
     out = tmp_path / "run"

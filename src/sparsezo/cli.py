@@ -1277,8 +1277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", required=True, help="run directory or delta.safetensors")
     p.add_argument("--out", required=True, help="output file (gguf) or folder (peft)")
     p.add_argument("--type", default=None, choices=list(GGUF_TYPES),
-                   help="GGUF storage type of the 2-D weights (norms stay f32); q8_0 and below round away small "
-                        "fine-tune updates, see the README (default: f16)")
+                   help="GGUF storage type of the 2-D weights (norms stay f32); q8_0 halves the file and kept a "
+                        "0.1%% SST-2 fine-tune's accuracy in llama.cpp (README) (default: f16)")
     _add_run_base_args(p)
     p.set_defaults(func=cmd_export)
 
