@@ -38,9 +38,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import SparseZOError
+from .exact import ExactEntriesLinear
 
 log = logging.getLogger(__name__)
 # torch.sparse_csr_tensor warns on every first use that CSR support is "beta"; the one product we
@@ -194,7 +194,7 @@ def sparse_add_(y: torch.Tensor, x: torch.Tensor, layout: tuple[torch.Tensor, ..
 
 # --- the layer -----------------------------------------------------------------------------
 
-class Int4Linear(nn.Module):
+class Int4Linear(ExactEntriesLinear):
     """``y = x @ W.T + b`` with W = int4-dequantized weight whose entries ``idx`` are ``values``."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, k: int, group: int = GROUP,
@@ -207,36 +207,18 @@ class Int4Linear(nn.Module):
                 "exclude that tensor from the mask (--exclude) or use --quant nf4"
             )
         self.in_features, self.out_features, self.dtype, self.group = in_features, out_features, dtype, group
-        n = in_features * out_features
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales_zeros", torch.empty(in_features // group, out_features, 2, dtype=dtype,
                                                          device=device))
-        self.register_buffer("idx", torch.empty(k, dtype=torch.int64, device=device))
-        self.register_buffer("values", torch.empty(k, dtype=dtype, device=device))
         self.register_buffer("qvalues", torch.empty(k, dtype=torch.float32, device=device))  # 4-bit w at idx
-        self.register_buffer("head", torch.empty(min(64, n), dtype=dtype, device=device))  # for model fingerprints
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._exact_buffers(k, bias, device)
         self._aten_pack: torch.Tensor | None = None  # the eager CPU kernel's own packing, built on first use
         self._layout: tuple[torch.Tensor, ...] | None = None  # sparse_layout of idx, built on first use
-
-    @classmethod
-    def from_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor | None,
-                    dtype: torch.dtype, group: int = GROUP) -> "Int4Linear":
-        """Quantize ``weight``; the entries ``idx`` keep their original values (cast to ``dtype``)."""
-        out_f, in_f = weight.shape
-        k = 0 if idx is None else idx.numel()
-        layer = cls(in_f, out_f, dtype, k, group, bias is not None, device=weight.device)
-        layer.quantize_(weight, idx)
-        if bias is not None:
-            layer.bias.data.copy_(bias.detach().to(dtype))
-        return layer
 
     @torch.no_grad()
     def quantize_(self, weight: torch.Tensor, idx: torch.Tensor | None) -> None:
         """Fill this layer from a dense ``weight``; entries ``idx`` are kept exact in the compute dtype."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise SparseZOError(f"weight of shape {tuple(weight.shape)} does not fit a {self.out_features}x{self.in_features} layer")
-        w = weight.detach().to(device=self.qweight.device, dtype=self.dtype)
+        w = self._dense(weight, self.qweight.device)
         q, scale, zero = _qparams(w, self.group, self.dtype)
         self.qweight.copy_(pack(q))
         self.scales_zeros.copy_(torch.stack([scale, zero], -1).transpose(0, 1))
@@ -331,10 +313,6 @@ class Int4Linear(nn.Module):
         if self._layout is None:
             self._layout = sparse_layout(self.idx, self.in_features, self.out_features)
         return self._layout
-
-    def weight_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers()) + (
-            self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, int4 g{self.group}, trainable={self.idx.numel()}, "

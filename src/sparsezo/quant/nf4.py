@@ -22,9 +22,9 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import SparseZOError
+from .exact import ExactEntriesLinear
 
 BLOCKSIZE = 64
 
@@ -39,7 +39,7 @@ def bnb_functional():
     return bnbf
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(ExactEntriesLinear):
     """``y = x @ W.T + b`` with W = NF4-dequantized weight whose entries ``idx`` are ``values``."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, k: int, nested: bool = True,
@@ -60,29 +60,12 @@ class NF4Linear(nn.Module):
             self.register_buffer("absmax2", torch.empty(-(-blocks // 256), dtype=torch.float32, device=device))
             self.register_buffer("code2", torch.empty(256, dtype=torch.float32, device=device))
             self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=device))
-        self.register_buffer("idx", torch.empty(k, dtype=torch.int64, device=device))
-        self.register_buffer("values", torch.empty(k, dtype=dtype, device=device))
-        self.register_buffer("head", torch.empty(min(64, n), dtype=dtype, device=device))  # for model fingerprints
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-
-    @classmethod
-    def from_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor | None,
-                    dtype: torch.dtype, nested: bool = True) -> "NF4Linear":
-        """Quantize ``weight``; the entries ``idx`` keep their original values (cast to ``dtype``)."""
-        out_f, in_f = weight.shape
-        k = 0 if idx is None else idx.numel()
-        layer = cls(in_f, out_f, dtype, k, nested, bias is not None, device=weight.device)
-        layer.quantize_(weight, idx)
-        if bias is not None:
-            layer.bias.data.copy_(bias.detach().to(dtype))
-        return layer
+        self._exact_buffers(k, bias, device)
 
     @torch.no_grad()
     def quantize_(self, weight: torch.Tensor, idx: torch.Tensor | None) -> None:
         """Fill this layer from a dense ``weight``; entries ``idx`` are kept exact in the compute dtype."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise SparseZOError(f"weight of shape {tuple(weight.shape)} does not fit a {self.out_features}x{self.in_features} layer")
-        w = weight.detach().to(device=self.codes.device, dtype=self.dtype)
+        w = self._dense(weight, self.codes.device)
         codes, qs = bnb_functional().quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=self.nested)
         self.codes.copy_(codes)
         self.absmax.copy_(qs.absmax)
@@ -111,10 +94,6 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized(), self.bias)
-
-    def weight_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers()) + (
-            self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, nf4, trainable={self.idx.numel()}, dtype={self.dtype}"
