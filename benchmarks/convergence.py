@@ -1,23 +1,26 @@
-"""Issue 19: forwards (not steps) to reach a target dev accuracy, per optimiser, on four tasks.
+"""Issue 19: forwards (not steps) to reach a target dev accuracy, per optimiser, on several tasks.
 
-    python benchmarks/convergence.py [--optimizers sgd hizoo] [--tasks sst2 rte copa boolq] [--seeds 0 1 2]
-                                     [--budget 2000] [--dry-run] [--report-only]
+    python benchmarks/convergence.py [--optimizers sgd hizoo fzoo] [--tasks sst2 rte copa boolq cb wic]
+                                     [--seeds 0 1 2] [--lrs ...] [--budget 2000] [--dry-run] [--report-only]
 
 What a ZO user pays for is forward passes, and optimisers differ in forwards per step (ZO-SGD 2,
-hizoo 3), so every curve here is dev accuracy against *forwards*: ZO forwards over a training
-batch, plus the ``--lr auto`` probe's when a cell uses it (dev evaluations are not counted: every
-optimiser pays the same for them). Protocol, on the default model (SmolLM2-135M-Instruct, bf16),
-sensitive 0.1% mask (WikiText-2, computed once and cached):
+hizoo 3, fzoo q+1 = 9), so every curve here is dev accuracy against *forwards*: ZO forwards over a
+training batch, plus the ``--lr auto`` probe's when a cell uses it (dev evaluations are not
+counted: every optimiser pays the same for them). Protocol, on the default model
+(SmolLM2-135M-Instruct, bf16), sensitive 0.1% mask (WikiText-2, computed once and cached):
 
-- one *cell* = (optimiser, task, seed, lr): ``budget`` forwards of training (steps = budget /
-  forwards per step), dev evaluated every ``budget / EVALS`` forwards; saved as
-  ``results/convergence_cells/<opt>-<task>-seed<s>-lr<lr>.json`` (atomic) the moment it is done,
-  so the grid runs across sessions: a re-run only fills missing cells (or cells whose recorded
-  settings differ). ``lr`` may be ``auto`` (the probe's forwards then count).
-- target per task = the best mean-over-seeds final best-dev accuracy of ZO-SGD over its lr grid
-  at the full budget (ZO-SGD with its best lr at a fixed budget);
+- one *cell* = (optimiser, task, seed, lr, budget): ``budget`` forwards of training (steps =
+  budget / forwards per step), dev evaluated every ``budget / EVALS`` forwards, then the test
+  accuracy of the best-dev θ; saved as ``results/convergence_cells/<opt>-<task>-seed<s>-lr<lr>-b<budget>.json``
+  (atomic) the moment it is done, so the grid runs across sessions: a re-run only fills missing
+  cells (or cells whose recorded settings differ). ``lr`` may be ``auto`` (the probe's forwards
+  then count). The zero-shot test accuracy of each (task, seed) sample is measured once and cached.
+- target per (task, budget) = the best mean-over-seeds best-dev accuracy of ZO-SGD over its lr
+  grid (ZO-SGD with its best lr at a fixed budget);
 - forwards to target per (optimiser, lr) = first evaluation whose dev accuracy ≥ target, mean
-  over seeds (a seed that never reaches it counts as unreached, and the mean is then "—").
+  over seeds (a seed that never reaches it counts as unreached, and the mean is then "—");
+- gain = test accuracy of the best-dev θ − zero-shot test accuracy, mean over seeds with a 95%
+  Student-t interval (dev picks θ, so only test measures the gain without selection bias).
 
 Prompts are truncated (from the left: the question stays at the end) to ``max_prompt_tokens``
 per task so long-passage tasks (BoolQ, RTE) fit the CPU budget.
@@ -34,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sparsezo.io import read_json, write_json, write_text
+from stats import paired
 
 CELLS = Path("results/convergence_cells")
 REPORT = Path("results/convergence.md")
@@ -46,16 +50,26 @@ SST2_TOKENS = 25
 class TaskSpec:
     num_train: int
     num_dev: int
+    num_test: int
     max_prompt_tokens: int
 
 
-# BoolQ has 64 labelled rows here (FewGLUE train + dev32): 32 train / 32 dev; COPA 300/100 of its 400.
-TASKS = {"sst2": TaskSpec(1000, 200, 64), "rte": TaskSpec(1000, 100, 128), "copa": TaskSpec(300, 100, 64),
-         "boolq": TaskSpec(32, 32, 128)}
-# lr grids: ZO-SGD around the measured 1e-4 (DESIGN §8); hizoo's lr is a fraction of a line-search step
+# Labelled rows here: SST-2 67k; RTE 2,490; COPA 400 (300 train / 100 dev); CB 250 (200 / 50);
+# BoolQ and WiC 64 (FewGLUE train + dev32: 32 / 32). Test = the official validation set (GLUE dev for SST-2).
+TASKS = {"sst2": TaskSpec(1000, 200, 500, 64), "rte": TaskSpec(1000, 100, 277, 128),
+         "copa": TaskSpec(300, 100, 100, 64), "boolq": TaskSpec(32, 32, 300, 128),
+         "cb": TaskSpec(200, 50, 56, 128), "wic": TaskSpec(32, 32, 300, 64)}
+# lr grids: ZO-SGD around the measured 1e-4 (DESIGN §8); hizoo's lr is a fraction of a line-search step;
+# fzoo's a per-entry step of ~lr/√q in normalised units
 LRS = {"sgd": ("3e-05", "0.0001", "0.0003", "auto"), "hizoo": ("0.03", "0.1", "0.3", "auto"),
+       "fzoo": ("0.001", "0.003", "0.01", "auto"),
        "adam": ("1e-05", "3e-05", "0.0001", "auto"), "sign": ("1e-06", "3e-06", "1e-05", "auto"),
        "momentum": ("3e-06", "1e-05", "3e-05", "auto")}
+# Models: the default in bf16; the same with the 4-bit NF4 base (SensZOQ's setting); and a stand-in for
+# "another family": the default with its final norm ×3, so logits and projected gradients are ~3× larger
+# (a user's report: a 270M model whose gradients are ~3× SmolLM2's learned nothing at ZO-SGD's default lr).
+MODELS = ("smollm2", "smollm2-nf4", "smollm2-logits3x")
+QUERIES = {"fzoo": 8}  # queries a step where the rule needs several (FZOO's batch of one-sided slopes); else 1
 
 
 @dataclass(frozen=True)
@@ -65,17 +79,25 @@ class Cell:
     seed: int
     lr: str  # a number as text, or "auto"
     budget: int
+    model: str = MODELS[0]
+    schedule: str = "constant"  # the lr schedule over the cell's steps (spsa.SCHEDULES)
+
+    @property
+    def q(self) -> int:
+        return QUERIES.get(self.optimizer, 1)
 
     @property
     def path(self) -> Path:
-        return CELLS / f"{self.optimizer}-{self.task}-seed{self.seed}-lr{self.lr}.json"
+        sched = "" if self.schedule == "constant" else f"-{self.schedule}"
+        name = f"{self.optimizer}-{self.task}-seed{self.seed}-lr{self.lr}{sched}-b{self.budget}.json"
+        return CELLS / self.model / name
 
     def spec(self) -> dict:
         t = TASKS[self.task]
-        return {"optimizer": self.optimizer, "task": self.task, "seed": self.seed, "lr": self.lr,
-                "budget": self.budget, "batch": BATCH, "eps": EPS, "density": DENSITY, "calib_tokens": CALIB_TOKENS,
-                "evals": EVALS, "num_train": t.num_train, "num_dev": t.num_dev,
-                "max_prompt_tokens": t.max_prompt_tokens}
+        return {"model": self.model, "optimizer": self.optimizer, "task": self.task, "seed": self.seed, "lr": self.lr,
+                "budget": self.budget, "q": self.q, "schedule": self.schedule, "batch": BATCH, "eps": EPS,
+                "density": DENSITY, "calib_tokens": CALIB_TOKENS, "evals": EVALS, "num_train": t.num_train,
+                "num_dev": t.num_dev, "num_test": t.num_test, "max_prompt_tokens": t.max_prompt_tokens}
 
     def done(self) -> bool:
         return self.path.is_file() and read_json(self.path, "cell").get("spec") == self.spec()
@@ -84,7 +106,7 @@ class Cell:
 def steps_for(cell: Cell) -> int:
     from sparsezo.zo.optim import forwards_per_step
 
-    return max(1, cell.budget // forwards_per_step(cell.optimizer, 1))
+    return max(1, cell.budget // forwards_per_step(cell.optimizer, cell.q))
 
 
 def truncated(examples: list, tok, max_tokens: int) -> list:
@@ -100,8 +122,8 @@ def load_splits(task_name: str, seed: int, tok) -> dict:
     from sparsezo.tasks import get_task
 
     spec = TASKS[task_name]
-    splits = get_task(task_name).splits(seed, spec.num_train, spec.num_dev, 1)  # test is not used here
-    return {k: truncated(v, tok, spec.max_prompt_tokens) for k, v in splits.items() if k != "test"}
+    splits = get_task(task_name).splits(seed, spec.num_train, spec.num_dev, spec.num_test)
+    return {k: truncated(v, tok, spec.max_prompt_tokens) for k, v in splits.items()}
 
 
 def mean_tokens(splits: dict, tok) -> float:
@@ -109,13 +131,28 @@ def mean_tokens(splits: dict, tok) -> float:
     return statistics.mean(len(tok(e.prompt + e.candidates[e.gold]).input_ids) for e in ex)
 
 
-def sensitive_mask(model, tok):
-    """The 0.1% sensitive mask of the default model, computed once (a minute) and cached with the cells."""
+def load_variant(name: str):
+    """Model, tokenizer and sensitive mask of one of :data:`MODELS`."""
+    from sparsezo.models import load_model
+    from sparsezo.quant import quantize_model
+
+    model, tok = load_model(None, "bfloat16")
+    if name == "smollm2-logits3x":
+        model.model.norm.weight.mul_(3)  # logits = head(norm(h)): exactly ×3
+    mask = sensitive_mask(model, tok, "smollm2-logits3x" if name == "smollm2-logits3x" else "smollm2")
+    if name == "smollm2-nf4":  # SensZOQ: the mask from the full-precision model, the rest 4-bit
+        quantize_model(model, mask, quant="nf4")
+    return model, tok, mask
+
+
+def sensitive_mask(model, tok, name: str):
+    """The 0.1% sensitive mask of a model, computed once (a minute) and cached with the cells."""
     from sparsezo.assets import default_calibration_file
     from sparsezo.masks import Mask, compute_mask
     from sparsezo.masks.sensitive import read_texts
 
-    path = CELLS / "masks" / f"sensitive-d{DENSITY:g}-c{CALIB_TOKENS}.safetensors"
+    tag = "" if name == "smollm2" else f"{name}-"
+    path = CELLS / "masks" / f"{tag}sensitive-d{DENSITY:g}-c{CALIB_TOKENS}.safetensors"
     if path.is_file():
         return Mask.load(path)
     calib = default_calibration_file()
@@ -126,45 +163,72 @@ def sensitive_mask(model, tok):
     return mask
 
 
+def test_accuracy(model, tok, task: str, examples: list) -> float:
+    from sparsezo.evaluate import evaluate
+    from sparsezo.tasks import get_task
+
+    return evaluate(model, tok, get_task(task), examples, batch_size=32)["value"]
+
+
+def zero_shot(cell: Cell, model, tok, test: list) -> float:
+    """The base model's test accuracy on the (task, seed) sample, measured once for every optimiser."""
+    task, seed, t = cell.task, cell.seed, TASKS[cell.task]
+    path = CELLS / cell.model / f"zeroshot-{task}-seed{seed}.json"
+    spec = {"task": task, "seed": seed, "num_test": t.num_test, "max_prompt_tokens": t.max_prompt_tokens}
+    if path.is_file() and read_json(path, "zero-shot cell").get("spec") == spec:
+        return read_json(path, "zero-shot cell")["test"]
+    acc = test_accuracy(model, tok, task, test)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"spec": spec, "test": acc})
+    return acc
+
+
 def run_cell(cell: Cell, model, tok, mask) -> dict:
+    import torch
+
     from sparsezo.train import TrainConfig, fine_tune
-    from sparsezo.zo import TrainableParams, ZOConfig
+    from sparsezo.zo import OPTIMIZERS, TrainableParams, ZOConfig
     from sparsezo.zo.optim import forwards_per_step
 
     splits = load_splits(cell.task, cell.seed, tok)
-    steps, fps = steps_for(cell), forwards_per_step(cell.optimizer, 1)
+    steps, fps = steps_for(cell), forwards_per_step(cell.optimizer, cell.q)
     auto = cell.lr == "auto"
     cfg = TrainConfig(steps=steps, batch_size=BATCH, eval_every=max(1, steps // EVALS), lr_auto=auto,
                       zo=ZOConfig(lr=1e-4 if auto else float(cell.lr), eps=EPS, optimizer=cell.optimizer,
-                                  seed=cell.seed))
+                                  q=cell.q, schedule=cell.schedule, seed=cell.seed))
     params = TrainableParams(model, mask)
     base = params.theta.clone()
+    test0 = zero_shot(cell, model, tok, splits["test"])
     t0 = time.perf_counter()
     try:
         res = fine_tune(model, tok, params, splits["train"], splits["dev"], cfg, progress=sys.stderr.isatty())
-    finally:  # fine_tune leaves the best θ in the model: the next cell must start from the base
+        seconds = time.perf_counter() - t0
+        test = test_accuracy(model, tok, cell.task, splits["test"])  # the best-dev θ fine_tune left in the model
+    finally:  # the next cell must start from the base
         params.theta.copy_(base)
         params.restore()
-    seconds = time.perf_counter() - t0
     extra = res.lr_probe["forwards"] if res.lr_probe else 0
     curve = [{"step": r["step"], "forwards": extra + r["step"] * fps, "dev": r["dev_accuracy"]}
              for r in res.history if "dev_accuracy" in r]
+    state_bytes = 4 * params.numel * len(OPTIMIZERS[cell.optimizer].state_names)
     return {"spec": cell.spec(), "lr_used": cfg.zo.lr, "probe_forwards": extra, "steps": steps,
             "forwards_per_step": fps, "best_dev": res.best_dev, "best_step": res.best_step,
-            "start_dev": res.start_dev, "improved": res.improved, "curve": curve, "seconds": round(seconds, 1),
-            "sec_per_step": round(seconds / steps, 3), "lr_probe": res.lr_probe}
+            "start_dev": res.start_dev, "improved": res.improved, "curve": curve, "test_zero_shot": test0,
+            "test": test, "seconds": round(seconds, 1), "sec_per_step": round(seconds / steps, 3),
+            "threads": torch.get_num_threads(), "state_bytes": state_bytes, "lr_probe": res.lr_probe}
 
 
 def cells(args) -> list[Cell]:
-    return [Cell(o, t, s, lr, args.budget) for t in args.tasks for s in args.seeds for o in args.optimizers
-            for lr in (args.lrs or LRS[o])]
+    return [Cell(o, t, s, lr, b, m, args.schedule) for m in args.models for b in args.budget for t in args.tasks
+            for s in args.seeds for o in args.optimizers for lr in (args.lrs or LRS[o])]
 
 
 def projected_seconds(cell: Cell, tokens: float) -> float:
-    """Training forwards × a forward's cost scaled by prompt length, + dev passes (~1 forward / 16 examples)."""
+    """Training forwards × a forward's cost scaled by prompt length, + dev and test passes (~1 forward / 16 rows)."""
     per_forward = SEC_PER_FORWARD * max(1.0, tokens / SST2_TOKENS)
-    dev = (EVALS + 1) * math.ceil(TASKS[cell.task].num_dev * 2 / BATCH)  # candidates double the rows
-    return per_forward * (cell.budget * (1.1 if cell.lr == "auto" else 1.0) + dev)
+    t = TASKS[cell.task]
+    evals = (EVALS + 1) * math.ceil(t.num_dev * 2 / BATCH) + 2 * math.ceil(t.num_test * 2 / BATCH)
+    return per_forward * (cell.budget * (1.1 if cell.lr == "auto" else 1.0) + evals)
 
 
 # ----------------------------------------------------------------------------- report
@@ -172,75 +236,121 @@ def forwards_to(curve: list[dict], target: float) -> float:
     return next((c["forwards"] for c in curve if c["dev"] >= target), math.inf)
 
 
-def report(all_cells: list[Cell]) -> str:
-    done = {c: read_json(c.path, "cell") for c in all_cells if c.done()}
+def finished_cells() -> dict[Cell, dict]:
+    """Every cell on disk whose recorded settings are this script's (stale protocols are left out)."""
+    out = {}
+    for path in sorted(CELLS.glob("*/*-b*.json")):
+        r = read_json(path, "cell")
+        sp = r.get("spec", {})
+        if sp.get("task") not in TASKS or sp.get("optimizer") not in LRS or sp.get("model") not in MODELS:
+            continue
+        c = Cell(sp["optimizer"], sp["task"], sp["seed"], sp["lr"], sp["budget"], sp["model"],
+                 sp.get("schedule", "constant"))
+        if c.path == path and c.done():
+            out[c] = r
+    return out
+
+
+def _mean(xs) -> float:
+    return statistics.mean(xs)
+
+
+def report(done: dict[Cell, dict]) -> str:
     lines = ["# Convergence: forwards to reach ZO-SGD's best fixed-budget dev accuracy", "",
-             "Generated by `python benchmarks/convergence.py --report-only` from results/convergence_cells/ "
-             "(see the script's docstring for the protocol). Forwards = training forwards over a batch of "
-             f"{BATCH} (+ the --lr auto probe's). Missing cells: {len(all_cells) - len(done)} of {len(all_cells)}.", ""]
-    for task in dict.fromkeys(c.task for c in all_cells):
-        here = {c: r for c, r in done.items() if c.task == task}
-        seeds = sorted({c.seed for c in all_cells if c.task == task})
-        by = {}
-        for c, r in here.items():
-            by.setdefault((c.optimizer, c.lr), {})[c.seed] = r
+             "Generated by `python benchmarks/convergence.py --report-only` from every cell in "
+             "results/convergence_cells/ (protocol: the script's docstring). Forwards = training forwards over a "
+             f"batch of {BATCH} (+ the --lr auto probe's). Gain = test accuracy of the best-dev θ − zero-shot test "
+             "accuracy, mean over seeds ± 95% Student-t half-width; **bold** = the interval excludes 0. "
+             "s/step is wall time per step with the thread count shown (dev evaluations included).", ""]
+    groups = sorted({(c.model, c.task, c.budget) for c in done},
+                    key=lambda k: (MODELS.index(k[0]), list(TASKS).index(k[1]), k[2]))
+    for model, task, budget in groups:
+        by: dict[tuple[str, str], dict[int, dict]] = {}
+        for c, r in done.items():
+            if (c.model, c.task, c.budget) == (model, task, budget):
+                by.setdefault((c.optimizer, c.lr, c.schedule), {})[c.seed] = r
+        seeds = sorted({s for rs in by.values() for s in rs})
         sgd = {k: v for k, v in by.items() if k[0] == "sgd" and k[1] != "auto" and len(v) == len(seeds)}
-        lines += [f"## {task}", ""]
-        if not sgd:
-            lines += ["target: — (ZO-SGD cells missing)", ""]
-            target = None
+        zs = {s: r["test_zero_shot"] for rs in by.values() for s, r in rs.items()}
+        lines += [f"## {model}: {task}, budget {budget} forwards", "",
+                  f"zero-shot test accuracy {_mean(zs.values()):.4f} (mean over seeds {sorted(zs)}; "
+                  f"test n = {TASKS[task].num_test}, dev n = {TASKS[task].num_dev})", ""]
+        target = None
+        if sgd:
+            best = max(sgd, key=lambda k: _mean(r["best_dev"] for r in sgd[k].values()))
+            target = _mean(r["best_dev"] for r in sgd[best].values())
+            if target > _mean(r["start_dev"] for r in sgd[best].values()):
+                lines += [f"target: dev {target:.4f} (ZO-SGD lr {best[1]} {best[2]}, mean best dev over seeds {seeds})",
+                          ""]
+            else:  # every start reaches a target that is the start itself: nothing to count
+                lines += [f"target: — (ZO-SGD's best lr, {best[1]}, never beat its step-0 dev here)", ""]
+                target = None
         else:
-            best = max(sgd, key=lambda k: statistics.mean(r["best_dev"] for r in sgd[k].values()))
-            target = statistics.mean(r["best_dev"] for r in sgd[best].values())
-            lines += [f"target: {target:.4f} (ZO-SGD lr {best[1]}, mean best dev over seeds {seeds})", ""]
-        lines += ["| optimizer | lr | seeds | start dev | best dev (mean) | forwards to target (mean) | "
-                  "fwd/step | s/step |", "|---|---|---|---|---|---|---|---|"]
-        for (opt, lr), rs in sorted(by.items()):
-            ftt = [forwards_to(r["curve"], target) for r in rs.values()] if target is not None else []
-            ftt_text = "—" if not ftt or any(math.isinf(f) for f in ftt) else f"{statistics.mean(ftt):.0f}"
-            lr_text = lr if lr != "auto" else "auto (" + ", ".join(f"{r['lr_used']:g}" for r in rs.values()) + ")"
-            lines.append(f"| {opt} | {lr_text} | {len(rs)}/{len(seeds)} | "
-                         f"{statistics.mean(r['start_dev'] for r in rs.values()):.4f} | "
-                         f"{statistics.mean(r['best_dev'] for r in rs.values()):.4f} | {ftt_text} | "
-                         f"{next(iter(rs.values()))['forwards_per_step']} | "
-                         f"{statistics.mean(r['sec_per_step'] for r in rs.values()):.2f} |")
+            lines += ["target: — (no ZO-SGD lr has every seed yet)", ""]
+        lines += ["| optimizer | lr | schedule | q | seeds | start dev | best dev | test gain (95% CI) | forwards to target "
+                  "(reached) | share of budget | fwd/step | s/step (threads) | state MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (opt, lr, sched), rs in sorted(by.items()):
+            rows = list(rs.values())
+            ftt = [forwards_to(r["curve"], target) for r in rows] if target is not None else []
+            reached = [f for f in ftt if not math.isinf(f)]
+            ftt_text = "—" if not ftt else (f"{_mean(ftt):.0f}" if len(reached) == len(ftt) else "—") + \
+                f" ({len(reached)}/{len(ftt)})"
+            share = f"{_mean(ftt) / budget:.2f}" if ftt and len(reached) == len(ftt) else "—"
+            gain = paired([r["test"] - r["test_zero_shot"] for r in rows])
+            half = gain.get("ci95", math.inf)
+            g = f"{gain['mean_diff']:+.4f} ± {half:.4f}" if len(rows) > 1 else f"{gain['mean_diff']:+.4f}"
+            if gain["mean_diff"] - half > 0:
+                g = f"**{g}**"
+            lr_text = lr if lr != "auto" else "auto (" + ", ".join(f"{r['lr_used']:g}" for r in rows) + ")"
+            lines.append(f"| {opt} | {lr_text} | {sched} | {rows[0]['spec']['q']} | {len(rows)} | "
+                         f"{_mean(r['start_dev'] for r in rows):.4f} | {_mean(r['best_dev'] for r in rows):.4f} | "
+                         f"{g} | {ftt_text} | {share} | {rows[0]['forwards_per_step']} | "
+                         f"{_mean(r['sec_per_step'] for r in rows):.2f} ({rows[0]['threads']}) | "
+                         f"{rows[0]['state_bytes'] / 2**20:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--optimizers", nargs="+", default=["sgd", "hizoo"], choices=list(LRS))
+    p.add_argument("--optimizers", nargs="+", default=["sgd", "hizoo", "fzoo"], choices=list(LRS))
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--models", nargs="+", default=[MODELS[0]], choices=MODELS)
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lrs", nargs="+", default=None, help="override every optimiser's lr grid (numbers or auto)")
-    p.add_argument("--budget", type=int, default=2000, help="training forwards per cell")
+    p.add_argument("--budget", type=int, nargs="+", default=[2000], help="training forwards per cell (one grid each)")
     p.add_argument("--dry-run", action="store_true", help="print the projected cost and stop")
-    p.add_argument("--report-only", action="store_true", help="rebuild results/convergence.md from the cells")
+    p.add_argument("--report-only", action="store_true", help="rebuild results/convergence.md from every cell on disk")
     args = p.parse_args()
     grid = cells(args)
     if args.report_only:
-        write_text(REPORT, report(grid) + "\n")
+        write_text(REPORT, report(finished_cells()) + "\n")
         print(f"wrote {REPORT}")
         return
     from sparsezo.models import load_model
 
-    model, tok = load_model(None, "bfloat16")
+    _, tok = load_model(None, "bfloat16")
     tokens = {t: mean_tokens(load_splits(t, 0, tok), tok) for t in args.tasks}
     todo = [c for c in grid if not c.done()]
     cost = sum(projected_seconds(c, tokens[c.task]) for c in todo)
     print(f"{len(todo)} of {len(grid)} cells to run; projected {cost / 3600:.2f} h ({cost / 60:.0f} min) on the "
-          "2-core CPU (mean tokens per example: " + ", ".join(f"{t} {v:.0f}" for t, v in tokens.items()) + ")", flush=True)
+          "2-core CPU for bf16 (mean tokens per example: " + ", ".join(f"{t} {v:.0f}" for t, v in tokens.items()) +
+          ")", flush=True)
     if args.dry_run:
         return
-    mask = sensitive_mask(model, tok)
-    for c in todo:
-        print(f"cell {c.path.name} ({steps_for(c)} steps) ...", flush=True)
-        result = run_cell(c, model, tok, mask)
-        write_json(c.path, result)
-        print(f"  best dev {result['best_dev']:.4f} (start {result['start_dev']:.4f}, improved {result['improved']}) "
-              f"in {result['seconds']:.0f}s", flush=True)
-    write_text(REPORT, report(grid) + "\n")
+    for name in dict.fromkeys(c.model for c in todo):
+        model, tok, mask = load_variant(name)
+        for c in (c for c in todo if c.model == name):
+            print(f"cell {c.model}/{c.path.name} ({steps_for(c)} steps) ...", flush=True)
+            result = run_cell(c, model, tok, mask)
+            c.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(c.path, result)
+            print(f"  best dev {result['best_dev']:.4f} (start {result['start_dev']:.4f}, improved {result['improved']}); "
+                  f"test {result['test']:.4f} (zero-shot {result['test_zero_shot']:.4f}) in {result['seconds']:.0f}s",
+                  flush=True)
+            write_text(REPORT, report(finished_cells()) + "\n")
     print(f"wrote {REPORT}")
 
 

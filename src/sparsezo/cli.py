@@ -203,7 +203,9 @@ def _add_zo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
                    help="how the projected gradient moves θ: plain ZO-SGD, heavy-ball momentum, Adam, sign-SGD, or "
                         "hizoo (HiZOO-style: one more forward a step for L(θ), update divided by an EMA of the "
-                        "measured curvature, so lr is a fraction of a line-search step, ~0.01-1)")
+                        "measured curvature, so lr is a fraction of a line-search step, ~0.01-1), or fzoo "
+                        "(FZOO-style: q one-sided queries sharing L(θ), q+1 forwards a step, each slope divided by "
+                        "their spread so the step ignores the loss scale; needs --q >= 2, e.g. 8)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay: adds this times θ to the update")
     p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
                    help="learning-rate schedule over the steps after warm-up")

@@ -275,7 +275,7 @@ def fine_tune(
     if not train or not dev:
         raise SparseZOError("training needs non-empty train and dev splits; raise --num-train/--num-dev")
     if dist is not None and (cfg.lr_auto or OPTIMIZERS[cfg.zo.optimizer].needs_center):
-        raise SparseZOError("--lr auto and --optimizer hizoo run in one process only; probe or train with one "
+        raise SparseZOError("--lr auto and --optimizer hizoo/fzoo run in one process only; probe or train with one "
                             "process, then pass its lr / use another optimizer with --nproc")
     fingerprint = model_fingerprint(model)  # base θ and model, recorded in checkpoints (refused on resume if changed)
     fused = None

@@ -36,7 +36,8 @@ class HiZOO(SGD):
     """ZO-SGD preconditioned by an EMA of the diagonal curvature measured with one extra forward."""
 
     state_names = ("curv",)
-    needs_center = True  # the engine measures L(θ) each step and passes the curvature to update_
+    needs_center = True  # the engine measures L(θ) each step ...
+    uses_curvature = True  # ... and passes the curvature to update_
     lr_default_grid = (0.01, 0.03, 0.1, 0.3, 1.0)  # fractions of the line-search step; independent of |θ|
 
     def __init__(self, numel: int, device, weight_decay: float = 0.0, beta2: float = 0.999, **_: float):

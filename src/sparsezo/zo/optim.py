@@ -18,7 +18,10 @@ class SGD:
     """ZO-SGD (MeZO): θ ← θ − lr·(ĝ + wd·θ)."""
 
     state_names: tuple[str, ...] = ()
-    needs_center = False  # True: the engine also measures L(θ) each step (one more forward) for update_
+    needs_center = False  # True: the engine also measures L(θ) each step (one more forward)
+    uses_curvature = False  # True: update_ takes the curvature (L+ + L− − 2L(θ))/ε², recorded in trajectories
+    one_sided = False  # True: only L(θ + εz) per query, g = (L+ − L(θ))/ε (needs_center)
+    min_queries = 1
     lr_ref = 1e-4  # the centre of the --lr auto grid at REF_NUMEL trainable entries
 
     @classmethod
@@ -30,6 +33,11 @@ class SGD:
         """
         centre = cls.lr_ref * REF_NUMEL / max(numel, 1)
         return tuple(float(f"{centre * k:.3g}") for k in GRID_STEPS)
+
+    @staticmethod
+    def normalise(grads: list[float]) -> list[float]:
+        """The step's q projected gradients as the update uses them (rules that rescale them override this)."""
+        return grads
 
     def __init__(self, numel: int, device, weight_decay: float = 0.0, **_: float):
         self.wd = weight_decay
@@ -95,17 +103,20 @@ class SignSGD(SGD):
         return grad.sign()
 
 
-from .hizoo import HiZOO  # noqa: E402  (it builds on SGD above)
+from .fzoo import FZOO  # noqa: E402  (these build on SGD above)
+from .hizoo import HiZOO  # noqa: E402
 
-OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "sign": SignSGD, "hizoo": HiZOO}
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "sign": SignSGD, "hizoo": HiZOO, "fzoo": FZOO}
 
 
 def forwards_per_step(optimizer: str, q: int) -> int:
-    """Forward passes over a training batch per step: 2 per query, plus L(θ) for curvature-based rules.
+    """Forward passes over a training batch per step: 2 per query (1 for one-sided rules), plus L(θ)
+    for the rules that measure it.
 
     A fused ±ε forward (--fused-pm) runs the 2q as q forwards over a doubled batch: the same rows.
     """
-    return 2 * q + int(OPTIMIZERS[optimizer].needs_center)
+    opt = OPTIMIZERS[optimizer]
+    return (1 if opt.one_sided else 2) * q + int(opt.needs_center)
 
 
 def lr_at(schedule: str, lr: float, step: int, total: int, warmup: int = 0) -> float:

@@ -69,13 +69,17 @@ class ZOConfig:
         for ok, msg in checks:
             if not ok:
                 raise SparseZOError(msg)
+        need = OPTIMIZERS[self.optimizer].min_queries
+        if self.q < need:
+            raise SparseZOError(f"--optimizer {self.optimizer} needs --q >= {need} queries a step, got {self.q}; "
+                                "use --q 8")
 
 
 @dataclass
 class StepRecord:
     """Everything needed to replay a step: its seeds, projected gradients and learning rate.
 
-    ``curvs`` (per query, (L+ + L− − 2·L(θ))/ε²) only for optimisers that measure L(θ) (hizoo).
+    ``curvs`` (per query, (L+ + L− − 2·L(θ))/ε²) only for optimisers that use curvature (hizoo).
     """
 
     step: int
@@ -140,6 +144,8 @@ class ZOEngine:
         if self.cfg.direction == "sampled":
             return z
         theta, eps = self.params.theta[s:e], self.cfg.eps
+        if self.opt.one_sided:  # the loss difference was measured between cast(θ+εz) and cast(θ)
+            return (self.params.rounded(theta + eps * z) - self.params.rounded(theta)) / eps
         return (self.params.rounded(theta + eps * z) - self.params.rounded(theta - eps * z)) / (2 * eps)
 
     def apply(self, step: int, seeds: list[int], grads: list[float], lr: float,
@@ -154,6 +160,7 @@ class ZOEngine:
         θ is then unusable; the caller stops (training keeps its last checkpoint).
         """
         q = len(seeds)
+        grads = self.opt.normalise(grads)
         finite = True
         for s, e in self.params.blocks():
             grad = torch.mul(self.direction(seeds[0], s, e), grads[0] / q)  # = 0 + the first term, one pass less
@@ -178,11 +185,16 @@ class ZOEngine:
     def step(self, step: int, loss_fn: Callable[[], float]) -> StepRecord:
         """One ZO step at 0-based ``step``; raises on a non-finite loss, leaving θ untouched."""
         seeds, lps, lms = [], [], []
-        # L(θ) for curvature (hizoo): the weights hold cast(θ) here, restored after the last update
+        # L(θ) for curvature (hizoo) or one-sided slopes (fzoo): the weights hold cast(θ) here,
+        # restored after the last update
         l0 = loss_fn() if self.opt.needs_center else None
         for i in range(self.cfg.q):
             seed = step_seed(self.cfg.seed, step, i)
-            lp, lm = self.perturbed_losses(seed, loss_fn)
+            if self.opt.one_sided:
+                self._perturb(seed, self.cfg.eps)
+                lp, lm = loss_fn(), l0
+            else:
+                lp, lm = self.perturbed_losses(seed, loss_fn)
             seeds.append(seed), lps.append(lp), lms.append(lm)
             if not (math.isfinite(lp) and math.isfinite(lm)):
                 break  # no point measuring the other queries
@@ -191,7 +203,7 @@ class ZOEngine:
     def finish(self, step: int, seeds: list[int], lps: list[float], lms: list[float],
                l0: float | None = None) -> StepRecord:
         """Turn the measured L± of each query (and L(θ), ``l0``, if measured) into projected
-        gradients (and curvatures) and apply the update.
+        gradients (and curvatures) and apply the update. One-sided rules pass L(θ) as L−.
 
         Shared with query-parallel training, which measures the queries on several processes.
         """
@@ -203,13 +215,15 @@ class ZOEngine:
                     f"loss became non-finite at step {step} (L+={lp}, L-={lm}, L0={l0}); lower --lr or --eps "
                     "and retry"
                 )
-        grads = [(lp - lm) / (2 * self.cfg.eps) for lp, lm in zip(lps, lms)]
-        curvs = None if l0 is None else [(lp + lm - 2 * l0) / self.cfg.eps**2 for lp, lm in zip(lps, lms)]
+        span = self.cfg.eps if self.opt.one_sided else 2 * self.cfg.eps
+        grads = [(lp - lm) / span for lp, lm in zip(lps, lms)]
+        curvs = ([(lp + lm - 2 * l0) / self.cfg.eps**2 for lp, lm in zip(lps, lms)]
+                 if self.opt.uses_curvature else None)
         if not all(math.isfinite(g) for g in grads + (curvs or [])):  # finite losses over a tiny eps can still overflow
             self._z.clear()
             self.params.restore()
             raise SparseZOError(f"the projected gradient overflowed at step {step} ({grads}); raise --eps")
-        losses = [0.5 * (lp + lm) for lp, lm in zip(lps, lms)]
+        losses = [l0] if self.opt.one_sided else [0.5 * (lp + lm) for lp, lm in zip(lps, lms)]
         lr = lr_at(self.cfg.schedule, self.cfg.lr, step, self.total_steps, self.cfg.warmup)
         self.apply(step, seeds, grads, lr, curvs)
         return StepRecord(step, seeds, grads, lr, sum(losses) / len(losses), curvs)

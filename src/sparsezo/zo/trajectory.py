@@ -141,11 +141,11 @@ class Trajectory:
         if steps > len(self):
             raise SparseZOError(f"cannot replay {steps} steps: the trajectory holds {len(self)}")
         engine = ZOEngine(params, cfg, max(steps, 1), cache_bytes=0)
-        if engine.opt.needs_center and steps and not self.curvs:
+        if engine.opt.uses_curvature and steps and not self.curvs:
             raise SparseZOError(f"optimizer {cfg.optimizer!r} needs the per-step curvatures, and this trajectory "
                                 "records none (it was not trained with that optimizer)")
         for t in range(steps):
-            curvs = self.curvs[t] if engine.opt.needs_center else None
+            curvs = self.curvs[t] if engine.opt.uses_curvature else None
             engine.apply(t, self.seeds[t], self.grads[t], self.lrs[t], curvs)
             if progress is not None:
                 progress.update(1)

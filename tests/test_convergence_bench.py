@@ -1,0 +1,67 @@
+"""benchmarks/convergence.py's bookkeeping: which cells count, the target, forwards to target, gains."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsezo.io import write_json
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))  # the benchmarks import their shared stats module as a script would
+_spec = importlib.util.spec_from_file_location("convergence", BENCH / "convergence.py")
+C = sys.modules["convergence"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(C)
+
+
+@pytest.fixture()
+def cells(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "CELLS", tmp_path)
+
+    def put(opt, seed, curve, test, lr="0.0001", task="sst2", budget=800, zero=0.5, **spec_changes):
+        cell = C.Cell(opt, task, seed, lr, budget)
+        fps = 9 if opt == "fzoo" else 2
+        pts = [{"step": f // fps, "forwards": f, "dev": d} for f, d in curve]
+        res = {"spec": {**cell.spec(), **spec_changes}, "lr_used": float(lr), "curve": pts, "test": test,
+               "test_zero_shot": zero, "start_dev": pts[0]["dev"], "best_dev": max(p["dev"] for p in pts),
+               "forwards_per_step": fps, "sec_per_step": 1.0, "threads": 1, "state_bytes": 0}
+        cell.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cell.path, res)
+        return cell
+
+    return put
+
+
+def test_target_and_forwards_to_it(cells):
+    for s in (0, 1):
+        cells("sgd", s, [(0, 0.5), (400, 0.6), (800, 0.7)], test=0.70)
+        cells("fzoo", s, [(0, 0.5), (180, 0.7), (792, 0.72)], test=0.72, lr="0.003")
+    done = C.finished_cells()
+    assert len(done) == 4
+    text = C.report(done)
+    assert "target: dev 0.7000" in text
+    fz = next(line for line in text.splitlines() if line.startswith("| fzoo"))
+    assert "| 180 (2/2) | 0.23 |" in fz  # 180 of SGD's 800-forward budget
+    assert "**+0.2200 ± 0.0000**" in fz  # test gain over zero-shot, significant
+
+
+def test_a_seed_that_never_reaches_the_target_makes_the_mean_unreached(cells):
+    for s in (0, 1):
+        cells("sgd", s, [(0, 0.5), (800, 0.7)], test=0.7)
+    cells("fzoo", 0, [(0, 0.5), (396, 0.71)], test=0.7, lr="0.003")
+    cells("fzoo", 1, [(0, 0.5), (396, 0.65)], test=0.6, lr="0.003")
+    fz = next(line for line in C.report(C.finished_cells()).splitlines() if line.startswith("| fzoo"))
+    assert "| — (1/2) | — |" in fz
+
+
+def test_no_target_when_zo_sgd_never_beat_its_start(cells):
+    cells("sgd", 0, [(0, 0.65), (1000, 0.5), (2000, 0.49)], test=0.63, task="copa", budget=2000, zero=0.63)
+    text = C.report(C.finished_cells())
+    assert "target: —" in text and "never beat its step-0 dev" in text
+
+
+def test_cells_of_another_protocol_are_left_out(cells):
+    cells("sgd", 0, [(0, 0.5), (800, 0.7)], test=0.7)
+    cells("sgd", 1, [(0, 0.5), (800, 0.7)], test=0.7, batch=32)  # recorded with another batch size
+    assert [c.seed for c in C.finished_cells()] == [0]
