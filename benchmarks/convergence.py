@@ -81,15 +81,17 @@ class Cell:
     budget: int
     model: str = MODELS[0]
     schedule: str = "constant"  # the lr schedule over the cell's steps (spsa.SCHEDULES)
+    queries: int | None = None  # queries a step; None: QUERIES' default for the optimiser
 
     @property
     def q(self) -> int:
-        return QUERIES.get(self.optimizer, 1)
+        return self.queries or QUERIES.get(self.optimizer, 1)
 
     @property
     def path(self) -> Path:
         sched = "" if self.schedule == "constant" else f"-{self.schedule}"
-        name = f"{self.optimizer}-{self.task}-seed{self.seed}-lr{self.lr}{sched}-b{self.budget}.json"
+        q = "" if self.q == QUERIES.get(self.optimizer, 1) else f"-q{self.q}"
+        name = f"{self.optimizer}-{self.task}-seed{self.seed}-lr{self.lr}{sched}{q}-b{self.budget}.json"
         return CELLS / self.model / name
 
     def spec(self) -> dict:
@@ -219,7 +221,7 @@ def run_cell(cell: Cell, model, tok, mask) -> dict:
 
 
 def cells(args) -> list[Cell]:
-    return [Cell(o, t, s, lr, b, m, args.schedule) for m in args.models for b in args.budget for t in args.tasks
+    return [Cell(o, t, s, lr, b, m, args.schedule, args.q) for m in args.models for b in args.budget for t in args.tasks
             for s in args.seeds for o in args.optimizers for lr in (args.lrs or LRS[o])]
 
 
@@ -244,8 +246,8 @@ def finished_cells() -> dict[Cell, dict]:
         sp = r.get("spec", {})
         if sp.get("task") not in TASKS or sp.get("optimizer") not in LRS or sp.get("model") not in MODELS:
             continue
-        c = Cell(sp["optimizer"], sp["task"], sp["seed"], sp["lr"], sp["budget"], sp["model"],
-                 sp.get("schedule", "constant"))
+        c = Cell(sp["optimizer"], sp["task"], sp.get("seed", -1), sp.get("lr", ""), sp.get("budget", 0),
+                 sp["model"], sp.get("schedule", ""), sp.get("q"))  # a missing field fails done() below
         if c.path == path and c.done():
             out[c] = r
     return out
@@ -268,7 +270,7 @@ def report(done: dict[Cell, dict]) -> str:
         by: dict[tuple[str, str], dict[int, dict]] = {}
         for c, r in done.items():
             if (c.model, c.task, c.budget) == (model, task, budget):
-                by.setdefault((c.optimizer, c.lr, c.schedule), {})[c.seed] = r
+                by.setdefault((c.optimizer, c.lr, c.schedule, c.q), {})[c.seed] = r
         seeds = sorted({s for rs in by.values() for s in rs})
         sgd = {k: v for k, v in by.items() if k[0] == "sgd" and k[1] != "auto" and len(v) == len(seeds)}
         zs = {s: r["test_zero_shot"] for rs in by.values() for s, r in rs.items()}
@@ -290,7 +292,7 @@ def report(done: dict[Cell, dict]) -> str:
         lines += ["| optimizer | lr | schedule | q | seeds | start dev | best dev | test gain (95% CI) | forwards to target "
                   "(reached) | share of budget | fwd/step | s/step (threads) | state MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for (opt, lr, sched), rs in sorted(by.items()):
+        for (opt, lr, sched, q), rs in sorted(by.items()):
             rows = list(rs.values())
             ftt = [forwards_to(r["curve"], target) for r in rows] if target is not None else []
             reached = [f for f in ftt if not math.isinf(f)]
@@ -303,7 +305,7 @@ def report(done: dict[Cell, dict]) -> str:
             if gain["mean_diff"] - half > 0:
                 g = f"**{g}**"
             lr_text = lr if lr != "auto" else "auto (" + ", ".join(f"{r['lr_used']:g}" for r in rows) + ")"
-            lines.append(f"| {opt} | {lr_text} | {sched} | {rows[0]['spec']['q']} | {len(rows)} | "
+            lines.append(f"| {opt} | {lr_text} | {sched} | {q} | {len(rows)} | "
                          f"{_mean(r['start_dev'] for r in rows):.4f} | {_mean(r['best_dev'] for r in rows):.4f} | "
                          f"{g} | {ftt_text} | {share} | {rows[0]['forwards_per_step']} | "
                          f"{_mean(r['sec_per_step'] for r in rows):.2f} ({rows[0]['threads']}) | "
@@ -318,6 +320,7 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--models", nargs="+", default=[MODELS[0]], choices=MODELS)
     p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
+    p.add_argument("--q", type=int, default=None, help="queries a step (default: 8 for fzoo, 1 for the others)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lrs", nargs="+", default=None, help="override every optimiser's lr grid (numbers or auto)")
     p.add_argument("--budget", type=int, nargs="+", default=[2000], help="training forwards per cell (one grid each)")

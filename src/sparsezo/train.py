@@ -40,6 +40,11 @@ IMPROVED_SE = 2.0  # "improved" = best dev above the step-0 dev by more than thi
 PROBE_SHARE = 0.1  # --lr auto spends at most this share of the run's training forwards
 PROBE_MAX_STEPS = 32  # ... and at most this many steps per candidate ("a few dozen")
 PROBE_DEV = 32  # dev examples the probe scores (the first ones: the same for every candidate)
+# The probe's best lr is divided by this. A few steps favour the largest stable lr (the first steps
+# cut the loss fastest along an easy direction, the noise a large lr adds shows over hundreds of
+# steps): on SmolLM2/SST-2 the probe's best, 1e-3, learned nothing in 400 steps (dev 0.55) where
+# 1e-4 reached 0.745 (benchmarks/convergence.py). Ten is the LR range test's usual back-off.
+PROBE_BACKOFF = 10.0
 
 
 @dataclass
@@ -99,17 +104,23 @@ def improvement(start: float, best: float, best_step: int, n: int) -> tuple[floa
 
 
 def _not_improved_hint(history: list[dict[str, Any]], key: str, start: float, se: float, lr: float) -> str:
-    """What to try when nothing was learned: lower lr when the dev value fell, else raise lr or steps."""
+    """What to try when nothing was learned: lower lr when the dev value fell, else either way.
+
+    A flat dev curve is ambiguous: a too-small lr gives one, and so can a too-large one (lr 1e-3 kept
+    SmolLM2's SST-2 dev within noise for 400 steps, where 1e-4 learned; benchmarks/convergence.py).
+    """
     later = [r[key] for r in history if key in r and r["step"] > 0]
     fell = bool(later) and min(later) < start - IMPROVED_SE * se
     what = (f"the dev value fell below the base's: lr {lr:g} is too large, try --lr {lr / 3:.3g}" if fell else
-            f"the dev value stayed within noise: try --lr {lr * 3:.3g} or more --steps")
+            f"the dev value stayed within noise: try --lr {lr * 3:.3g} or more --steps (or --lr {lr / 3:.3g}: "
+            "a too-large lr can also keep dev flat, its noise cancelling what it learns)")
     return f"{what}, or --lr auto to probe a grid of lrs first"
 
 
 def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list[Example], cfg: TrainConfig,
              fused: FusedPM | None = None, progress: bool = True) -> dict[str, Any]:
-    """``--lr auto``: a few ZO steps from θ₀ per candidate lr, keep the one with the lowest dev loss.
+    """``--lr auto``: a few ZO steps from θ₀ per candidate lr; train with the one with the lowest
+    dev loss divided by PROBE_BACKOFF (see there why).
 
     Why the dev *loss* (cfg.loss over the first PROBE_DEV dev examples) and not accuracy: a few
     dozen steps move accuracy by less than its noise, the loss moves measurably. Every candidate
@@ -168,11 +179,13 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
         _log.warning("warning: --lr auto: no candidate lr lowered the dev loss in %d steps (%.4f at the start); "
                      "using the one that raised it least, %g", steps_each, start, grid[best])
     forwards = len(grid) * steps_each * fps + (len(grid) + 1) * eval_cost
-    report = {"lr": grid[best], "candidates": grid, "dev_loss": losses, "start_dev_loss": start,
+    chosen = float(f"{grid[best] / PROBE_BACKOFF:.3g}")
+    report = {"lr": chosen, "probe_best_lr": grid[best], "backoff": PROBE_BACKOFF, "candidates": grid, "dev_loss": losses, "start_dev_loss": start,
               "steps_each": steps_each, "dev_examples": len(sub), "forwards": forwards, "cap_forwards": cap,
               "run_forwards": run_forwards}
-    _log.info("--lr auto: lr %g (dev loss %.4f, start %s) from %s; %d forwards = %.1f%% of the run's %d",
-              grid[best], best_loss, start, grid, forwards, 100 * forwards / run_forwards, run_forwards)
+    _log.info("--lr auto: lr %g = %g (lowest dev loss %.4f, start %s, of %s) / %g; %d forwards = %.1f%% of the "
+              "run's %d", chosen, grid[best], best_loss, start, grid, PROBE_BACKOFF, forwards,
+              100 * forwards / run_forwards, run_forwards)
     return report
 
 
