@@ -11,7 +11,10 @@ the same forwards buy 1.8× as many directions. The one-sided difference carries
 its variance grows (ε is small against the loss curvature at the default 1e-2). Dividing by
 the spread σ of the q measured slopes — FZOO's normalisation — makes the step independent of
 the model's loss scale (g and σ scale together): the per-entry step is ~lr/√q whatever the
-family's gradient size, which is why its default lr transfers where ZO-SGD's does not.
+family's or task's gradient size (on COPA, where ZO-SGD's SST-2 lr drove dev down, fzoo's did
+not; benchmarks/convergence.py). Measured limit: at equal forwards it does not beat ZO-SGD on
+SST-2 (one seed: best dev 0.69 vs 0.745 in 800 forwards) — its q slopes share one batch, so it
+sees q/2 times fewer training batches per forward.
 
 Replay: σ is a function of the recorded g_i, so :meth:`normalise` rebuilds the update from
 the trajectory exactly like training does; no extra state, format 1 trajectories.
