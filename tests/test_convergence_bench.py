@@ -1,18 +1,11 @@
 """benchmarks/convergence.py's bookkeeping: which cells count, the target, forwards to target, gains."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
+from helpers import load_benchmark
 from sparsezo.io import write_json
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))  # the benchmarks import their shared stats module as a script would
-_spec = importlib.util.spec_from_file_location("convergence", BENCH / "convergence.py")
-C = sys.modules["convergence"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
-_spec.loader.exec_module(C)
+C = load_benchmark("convergence")
 
 
 @pytest.fixture()

@@ -3,21 +3,15 @@
 The grid itself runs the real model for hours; here its decisions are checked on made-up cells.
 """
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))  # the benchmarks import their shared stats module as a script would
-import stats  # noqa: E402
+from helpers import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("reproduce", BENCH / "reproduce.py")
-R = sys.modules["reproduce"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
-_spec.loader.exec_module(R)
+R = load_benchmark("reproduce")
+import stats  # noqa: E402  (load_benchmark put benchmarks/ on sys.path, as a script run has it)
 
 
 def _put(store, cell, **result):
