@@ -182,8 +182,9 @@ def _lr_value(text: str) -> float | None:
 
 
 LR_HELP = ("learning rate of the ZO update, or 'auto': before training, probe a half-decade grid of lrs (the "
-           "optimizer's own) for a few dozen steps each on 32 dev examples and keep the lowest dev loss (at most "
-           "10%% of the run's forwards; the choice and its cost are recorded in config.json)")
+           "optimizer's own) for a few dozen steps each on 32 dev examples and train with the lowest dev loss's lr "
+           "divided by 10 (short probes favour too-large lrs; at most 10%% of the run's forwards; the choice and "
+           "its cost are recorded in config.json)")
 
 
 def _add_zo_args(p: argparse.ArgumentParser) -> None:

@@ -180,9 +180,9 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
                      "using the one that raised it least, %g", steps_each, start, grid[best])
     forwards = len(grid) * steps_each * fps + (len(grid) + 1) * eval_cost
     chosen = float(f"{grid[best] / PROBE_BACKOFF:.3g}")
-    report = {"lr": chosen, "probe_best_lr": grid[best], "backoff": PROBE_BACKOFF, "candidates": grid, "dev_loss": losses, "start_dev_loss": start,
-              "steps_each": steps_each, "dev_examples": len(sub), "forwards": forwards, "cap_forwards": cap,
-              "run_forwards": run_forwards}
+    report = {"lr": chosen, "probe_best_lr": grid[best], "backoff": PROBE_BACKOFF, "candidates": grid,
+              "dev_loss": losses, "start_dev_loss": start, "steps_each": steps_each, "dev_examples": len(sub),
+              "forwards": forwards, "cap_forwards": cap, "run_forwards": run_forwards}
     _log.info("--lr auto: lr %g = %g (lowest dev loss %.4f, start %s, of %s) / %g; %d forwards = %.1f%% of the "
               "run's %d", chosen, grid[best], best_loss, start, grid, PROBE_BACKOFF, forwards,
               100 * forwards / run_forwards, run_forwards)
