@@ -95,8 +95,12 @@ class Cell:
         return CELLS / self.model / name
 
     def spec(self) -> dict:
+        from sparsezo.train import PROBE_BACKOFF
+
         t = TASKS[self.task]
-        return {"model": self.model, "optimizer": self.optimizer, "task": self.task, "seed": self.seed, "lr": self.lr,
+        # an auto cell's lr depends on the probe's rule: a cell probed under another back-off is stale
+        probe = {"probe_backoff": PROBE_BACKOFF} if self.lr == "auto" else {}
+        return {**probe, "model": self.model, "optimizer": self.optimizer, "task": self.task, "seed": self.seed, "lr": self.lr,
                 "budget": self.budget, "q": self.q, "schedule": self.schedule, "batch": BATCH, "eps": EPS,
                 "density": DENSITY, "calib_tokens": CALIB_TOKENS, "evals": EVALS, "num_train": t.num_train,
                 "num_dev": t.num_dev, "num_test": t.num_test, "max_prompt_tokens": t.max_prompt_tokens}
@@ -140,8 +144,9 @@ def load_variant(name: str):
 
     model, tok = load_model(None, "bfloat16")
     if name == "smollm2-logits3x":
-        model.model.norm.weight.mul_(3)  # logits = head(norm(h)): exactly ×3
-    mask = sensitive_mask(model, tok, "smollm2-logits3x" if name == "smollm2-logits3x" else "smollm2")
+        model.model.norm.weight.mul_(3)  # logits = head(norm(h)): ×3, up to bf16 rounding of the norm weights
+    # the logit-scaled model has its own Fisher scores; the 4-bit one takes the full-precision model's mask
+    mask = sensitive_mask(model, tok, "smollm2" if name == "smollm2-nf4" else name)
     if name == "smollm2-nf4":  # SensZOQ: the mask from the full-precision model, the rest 4-bit
         quantize_model(model, mask, quant="nf4")
     return model, tok, mask
@@ -177,8 +182,9 @@ def zero_shot(cell: Cell, model, tok, test: list) -> float:
     task, seed, t = cell.task, cell.seed, TASKS[cell.task]
     path = CELLS / cell.model / f"zeroshot-{task}-seed{seed}.json"
     spec = {"task": task, "seed": seed, "num_test": t.num_test, "max_prompt_tokens": t.max_prompt_tokens}
-    if path.is_file() and read_json(path, "zero-shot cell").get("spec") == spec:
-        return read_json(path, "zero-shot cell")["test"]
+    cached = read_json(path, "zero-shot cell") if path.is_file() else {}
+    if cached.get("spec") == spec:
+        return cached["test"]
     acc = test_accuracy(model, tok, task, test)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"spec": spec, "test": acc})

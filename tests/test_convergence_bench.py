@@ -16,7 +16,7 @@ def cells(tmp_path, monkeypatch):
         cell = C.Cell(opt, task, seed, lr, budget)
         fps = 9 if opt == "fzoo" else 2
         pts = [{"step": f // fps, "forwards": f, "dev": d} for f, d in curve]
-        res = {"spec": {**cell.spec(), **spec_changes}, "lr_used": float(lr), "curve": pts, "test": test,
+        res = {"spec": {**cell.spec(), **spec_changes}, "lr_used": 1e-4 if lr == "auto" else float(lr), "curve": pts, "test": test,
                "test_zero_shot": zero, "start_dev": pts[0]["dev"], "best_dev": max(p["dev"] for p in pts),
                "forwards_per_step": fps, "sec_per_step": 1.0, "threads": 1, "state_bytes": 0}
         cell.path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,4 +57,6 @@ def test_no_target_when_zo_sgd_never_beat_its_start(cells):
 def test_cells_of_another_protocol_are_left_out(cells):
     cells("sgd", 0, [(0, 0.5), (800, 0.7)], test=0.7)
     cells("sgd", 1, [(0, 0.5), (800, 0.7)], test=0.7, batch=32)  # recorded with another batch size
-    assert [c.seed for c in C.finished_cells()] == [0]
+    cells("sgd", 2, [(0, 0.5), (800, 0.7)], test=0.7, lr="auto", probe_backoff=1.0)  # probed under another rule
+    cells("sgd", 3, [(0, 0.5), (800, 0.7)], test=0.7, lr="auto")
+    assert sorted((c.seed, c.lr) for c in C.finished_cells()) == [(0, "0.0001"), (3, "auto")]
