@@ -171,8 +171,9 @@ def predict(model: nn.Module, tokenizer, examples: list[Example], batch_size: in
 
     Examples are batched in order of length (``bucketed``), so padding (wasted compute) stays
     small: 2-15% of the positions on the test splits at 32 a batch (CB 40%, ReCoRD 31%: too few
-    examples to sort), against 26-61% in input order (``benchmarks/speed.py --parts padding``). Rows are scored independently (explicit
-    position ids and attention masks), so the grouping changes no prediction.
+    examples to sort), against 26-61% in input order (``benchmarks/speed.py --parts padding``).
+    Rows are scored independently (explicit position ids and attention masks), so the grouping
+    changes no prediction.
     """
     device = next(model.parameters()).device
     enc = encode(tokenizer, examples)
