@@ -327,6 +327,8 @@ CASES = [
     Case("eps-negative", lambda e, t: train(e, t, "--eps=-1e-3"), "--eps must be > 0"),
     Case("weight-decay-negative", lambda e, t: train(e, t, "--weight-decay", "-0.1"), "--weight-decay must be >= 0"),
     Case("q-zero", lambda e, t: train(e, t, "--q", "0"), "--q must be > 0"),
+    Case("fused-pm-one-sided", lambda e, t: train(e, t, "--optimizer", "fzoo", "--q", "4", "--fused-pm"),
+         "no ±ε pair to fuse"),
     Case("batch-size-zero", lambda e, t: train(e, t, "--batch-size", "0"), "--batch-size must be > 0"),
     Case("eval-every-zero", lambda e, t: train(e, t, "--eval-every", "0"), "--eval-every must be > 0"),
     Case("train-eval-batch-size-zero", lambda e, t: train(e, t, "--eval-batch-size", "0"), "--eval-batch-size must be > 0"),

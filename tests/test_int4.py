@@ -18,7 +18,7 @@ DT = torch.bfloat16
 @pytest.fixture
 def eager(monkeypatch):
     """Eager kernels only (compiling costs seconds per shape), and the 4-bit matmul + correction
-    path for tiny layers too (up to CSR_MAX_ROWS rows; more rows take the dequantized path)."""
+    path for tiny layers too (up to KERNEL_MAX_ROWS rows; more rows take the dequantized path)."""
     monkeypatch.setattr(int4, "_compiled", lambda *key: None)
     monkeypatch.setattr(int4, "_compiled_dequant", lambda *key: None)
     monkeypatch.setattr(int4, "KERNEL_MIN_WEIGHTS", 0)
@@ -50,7 +50,7 @@ def test_codes_pack_and_unpack_losslessly_and_dequantize_is_a_sane_4bit_weight()
 @pytest.mark.parametrize("dtype", [torch.float32, DT])
 def test_layer_output_equals_linear_with_dequantized_weight_plus_exact_entries(eager, dtype):
     _, _, layer = _layer(dtype)
-    for m in (1, 3, 37, int4.CSR_MAX_ROWS + 1):  # correction (CSR), and the dequantized path
+    for m in (1, 3, 37, int4.KERNEL_MAX_ROWS + 1):  # correction (CSR), and the dequantized path
         x = torch.randn(m, 128, dtype=dtype)
         ref = F.linear(x.float(), layer.dequantized().float(), layer.bias.float())
         tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -79,6 +79,20 @@ def test_sparse_add_handles_a_layer_without_entries_and_per_half_deltas():
     for h, d in ((slice(0, 2), (1.0, 2.0, 3.0)), (slice(2, 4), (-1.0, 0.0, 0.5))):
         want[h, 0], want[h, 1], want[h, 31] = d[0] * x[h, 3], d[1] * x[h, 5], d[2] * x[h, 63]
     assert torch.allclose(y, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [40, 1500])  # ≤ in + out: gather + index_add_; above: the CSR product
+def test_sparse_add_equals_the_dense_product_on_both_paths(k):
+    g = torch.Generator().manual_seed(k)
+    idx = torch.randperm(32 * 64, generator=g)[:k].sort().values
+    delta = torch.randn(2, k, generator=g)
+    x, y = torch.randn(6, 64, generator=g), torch.randn(6, 32, generator=g)
+    want = y.clone()
+    for h, rows in enumerate((slice(0, 3), slice(3, 6))):
+        dense = torch.zeros(32 * 64).index_copy_(0, idx, delta[h]).reshape(32, 64)
+        want[rows] += x[rows] @ dense.T
+    int4.sparse_add_(y, x, int4.sparse_layout(idx, 64, 32), delta)
+    assert torch.allclose(y, want, atol=1e-5)
 
 
 def test_compiled_amx_matmul_matches_the_eager_kernel():

@@ -100,6 +100,23 @@ def test_resume_refuses_other_flags_and_finished_runs(env, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_resume_reads_a_config_written_when_fused_pm_was_a_switch(env, capsys):
+    out = env["root"] / "legacy"
+    assert main(_train(env, out, steps=4)) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["args"]["fused_pm"] == "auto"
+    cfg["args"]["fused_pm"] = False  # how earlier versions recorded it
+    (out / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file
+
+    delta = load_file(out / "delta.safetensors")
+    (out / "delta.safetensors").unlink()  # as if killed after its last checkpoint
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 0, capsys.readouterr().err
+    resumed = load_file(out / "delta.safetensors")  # the same values (its metadata now says "off")
+    assert resumed.keys() == delta.keys() and all(torch.equal(resumed[k], delta[k]) for k in delta)
+
+
 def test_replay_rebuilds_the_delta_byte_for_byte(env, capsys):
     run = env["root"] / "bf16"
     assert main(_train(env, run, steps=30, dtype="bfloat16")) == 0  # bf16: the applied direction depends on rounding

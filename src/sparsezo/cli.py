@@ -189,6 +189,7 @@ LR_HELP = ("learning rate of the ZO update, or 'auto': before training, probe a 
 
 def _add_zo_args(p: argparse.ArgumentParser) -> None:
     from .recipe import TRAIN
+    from .train import FUSED_AUTO_TOKENS, FUSED_PM
     from .zo.optim import OPTIMIZERS
 
     p.add_argument("--steps", type=int, default=TRAIN.steps, help="ZO steps (each: two forward passes per query)")
@@ -217,10 +218,12 @@ def _add_zo_args(p: argparse.ArgumentParser) -> None:
                    help="examples per forward when evaluating")
     p.add_argument("--keep-last", action="store_true",
                    help="keep the final θ (default: the θ of the best dev evaluation, as MeZO)")
-    p.add_argument("--fused-pm", action="store_true",
+    p.add_argument("--fused-pm", nargs="?", const="on", default="auto", choices=FUSED_PM,
                    help="score θ+εz and θ−εz in one forward over the batch stacked on itself (base matmuls and "
-                        "4-bit dequantization once a step; faster for small batches on big models, see sparsezo "
-                        "bench --compare; L± equal to float rounding) (default: two forwards)")
+                        "4-bit dequantization once a step; L± equal to float rounding, replay unchanged): on "
+                        "(also plain --fused-pm), off, or auto = on for batches of at most "
+                        f"{FUSED_AUTO_TOKENS} tokens on a 4-bit base, where it measured faster (see sparsezo "
+                        "bench --compare)")
     p.add_argument("--loss", default="ce", choices=["ce", "lm", "acc"],
                    help="ce: cross-entropy over candidates; lm: NLL of the gold candidate (generation tasks); "
                         "acc: 1 - batch accuracy (non-differentiable, ZO optimises it directly)")
@@ -514,6 +517,8 @@ def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
     if not isinstance(saved, dict):
         raise SparseZOError(f"--resume {run}: config.json field 'args' is a {type(saved).__name__}, not an object; "
                             "restore the file")
+    if isinstance(saved.get("fused_pm"), bool):  # written before --fused-pm took on/off/auto
+        saved["fused_pm"] = "on" if saved["fused_pm"] else "off"
     for key, value in saved.items():  # each recorded setting must be one this version knows, of its type
         if key not in defaults:
             raise SparseZOError(f"--resume {run}: config.json records an unknown setting {key!r}; it was written by "

@@ -25,6 +25,7 @@ from .checkpoint import Delta, TrainState, check_resumable, save_checkpoint
 from .errors import SparseZOError, os_hint
 from .io import write_json, write_text
 from .evaluate import evaluate as evaluate_split
+from .quant import QUANT_LAYERS
 from .scoring import LOSSES, batch_loss, encode, make_batch
 from .tasks import Example, Task
 from .zo import OPTIMIZERS, StepRecord, TrainableParams, Trajectory, ZOConfig, ZOEngine
@@ -47,6 +48,16 @@ PROBE_DEV = 32  # dev examples the probe scores (the first ones: the same for ev
 PROBE_BACKOFF = 10.0
 
 
+FUSED_PM = ("auto", "on", "off")
+# --fused-pm auto fuses a step's two forwards on a 4-bit base when its batch holds at most this many
+# token positions. Measured on the idle 2-core CPU (benchmarks/README.md), fused step / two forwards:
+# 0.72-0.84 at 1 x 32 tokens (7B-architecture int4, SmolLM2 int4 and nf4), but 1.5 at 1 x 256, 1.1
+# (7B) and 1.8-2.8 (SmolLM2) at 16 x 64-256, and no gain on bf16 (1.0 at 1 x 32, 2.4 at batch 16):
+# a doubled forward is cheaper than two only while the base matmul is bound by reading or
+# dequantizing the weights rather than by its rows.
+FUSED_AUTO_TOKENS = 64
+
+
 @dataclass
 class TrainConfig:
     """The loop's own settings; the optimiser's are in :class:`ZOConfig`."""
@@ -57,7 +68,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     loss: str = "ce"
     keep_best: bool = True  # MeZO: return the θ with the best dev accuracy, not the last one
-    fused_pm: bool = False  # both perturbed forwards of a step as one stacked forward (zo/fused.py)
+    fused_pm: str = "auto"  # both perturbed forwards as one stacked forward (zo/fused.py): on, off, or auto
     zo: ZOConfig = field(default_factory=ZOConfig)
     lr_auto: bool = False  # probe lr_grid on a dev subset first (see probe_lr); zo.lr is then set to the choice
     lr_grid: tuple[float, ...] | None = None  # --lr auto's candidates (None: the optimiser's own grid)
@@ -73,6 +84,11 @@ class TrainConfig:
         if self.lr_grid is not None and not (self.lr_grid and all(math.isfinite(v) and v > 0 for v in self.lr_grid)):
             raise SparseZOError(f"the --lr auto grid must hold finite lrs > 0, got {self.lr_grid}")
         self.zo.validate()
+        if self.fused_pm not in FUSED_PM:
+            raise SparseZOError(f"--fused-pm must be one of {', '.join(FUSED_PM)}, got {self.fused_pm!r}")
+        if self.fused_pm == "on" and OPTIMIZERS[self.zo.optimizer].one_sided:
+            raise SparseZOError(f"--fused-pm scores θ+εz and θ−εz together, but --optimizer {self.zo.optimizer} "
+                                "measures one-sided L(θ+εz) − L(θ) (no ±ε pair to fuse); drop --fused-pm")
 
 
 @dataclass
@@ -242,6 +258,19 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> list[int]:
     return out
 
 
+def fused_engine(model: torch.nn.Module, params: TrainableParams, cfg: TrainConfig) -> FusedPM | None:
+    """The step's fused ±ε forward for ``cfg.fused_pm``: always (on), never (off), or (auto) on
+    4-bit layers for batches of at most ``FUSED_AUTO_TOKENS`` positions, where it measured faster.
+    Deterministic: the choice depends on the model and each batch's shape, never on timings."""
+    if cfg.fused_pm == "on":
+        return FusedPM(model, params)
+    quantized = any(isinstance(m, QUANT_LAYERS) for m in model.modules())
+    if (cfg.fused_pm == "auto" and quantized and not OPTIMIZERS[cfg.zo.optimizer].one_sided
+            and FusedPM.supports(model, params)):
+        return FusedPM(model, params, max_tokens=FUSED_AUTO_TOKENS)
+    return None
+
+
 def fine_tune(
     model,
     tokenizer,
@@ -293,7 +322,7 @@ def fine_tune(
     fingerprint = model_fingerprint(model)  # base θ and model, recorded in checkpoints (refused on resume if changed)
     fused = None
     if dist is None:
-        fused = FusedPM(model, params) if cfg.fused_pm else None
+        fused = fused_engine(model, params, cfg)
         engine = ZOEngine(params, cfg.zo, cfg.steps, fused=fused)
     else:
         from .distributed import DistributedEngine, check_consistent, check_split

@@ -147,16 +147,19 @@ def _reference(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tenso
     return x.float() @ dequantize(qweight, scales_zeros, group, torch.float32).T
 
 
-CSR_MAX_ROWS = 256  # up to this many rows of x the correction is a CSR sparse × dense product
-# The 4-bit matmul + correction path serves at most CSR_MAX_ROWS rows and layers of at least this
-# many weights; smaller layers dequantize (compiled: ~2 ms for SmolLM2's largest) and run dense,
-# which measured 2-5× faster there than the kernel's and the correction's fixed costs.
+KERNEL_MAX_ROWS = 256
+# The 4-bit matmul + correction path serves at most KERNEL_MAX_ROWS rows and layers of at least
+# this many weights; smaller layers dequantize (compiled: ~2 ms for SmolLM2's largest) and run
+# dense, which measured 2-5x faster there than the kernel's and the correction's fixed costs. On
+# the 7B shapes (idle CPU) the kernel + correction beats dequantize (~85 ms a layer) + dense by
+# 2-3x at 128-256 rows and by 15-25% at 512; from 1024 rows dequantization wins. 512 would be the
+# better limit by that layer benchmark; 256 is what the end-to-end runs used.
 KERNEL_MIN_WEIGHTS = 1 << 22
 
 
 def sparse_layout(idx: torch.Tensor, in_features: int, out_features: int) -> tuple[torch.Tensor, ...]:
-    """(rows, cols, CSR row pointers) of flat entries ``idx``: computed once per layer, since
-    every small op of a forward costs milliseconds on oversubscribed cores."""
+    """(rows, cols, CSR row pointers) of flat entries ``idx`` (sorted, as masks store them):
+    computed once per layer, since every small op of a forward costs milliseconds on busy cores."""
     rows, cols = idx // in_features, idx % in_features
     crow = torch.zeros(out_features + 1, dtype=torch.int64, device=idx.device)
     crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
@@ -167,29 +170,25 @@ def sparse_add_(y: torch.Tensor, x: torch.Tensor, layout: tuple[torch.Tensor, ..
     """y[:, r] += Σ x[:, c] · delta over the entries (r, c) of ``layout`` (:func:`sparse_layout`), in place.
 
     ``delta`` is [k] (every row of x) or [H, k] for H equal consecutive row groups of x (the ±ε
-    halves of a fused forward). Measured on the 7B shapes (1 thread): at 32-64 rows a CSR
-    sparse × dense product (fp32) costs 0.15-0.2× the dense matmul, a gather + ``index_add_``
-    ~0.7×; at thousands of rows the CSR product's transposes cost more than the gather, which
-    there takes a bf16 ``index_select`` (one M × k temporary) and ``index_add_``.
+    halves of a fused forward). Two ways, by which touches less memory per row of x: a gather
+    + ``index_add_`` (an M × k temporary) or a CSR sparse × dense product in fp32 (an fp32 copy
+    of x and a transposed M × out result: M × (in + out)). Measured: on the 7B shapes (k = 45k,
+    in + out = 15k) the CSR product costs 1.3-1.7 ms at 32 rows (0.2× the dense matmul), the
+    gather 2-4× more at every row count from 32 to 2048; on SmolLM2's layers (k ≈ 500 ≪ in +
+    out) the CSR product made a fused 16×256 step 3.6× two forwards.
     """
     rows, cols, crow = layout
-    n, k, in_features = y.shape[1], rows.numel(), x.shape[1]
+    n, k, in_features = y.shape[1], cols.numel(), x.shape[1]
     if k == 0:  # a layer the mask left without entries (a global top-k can)
         return
     deltas = delta.reshape(-1, k)
     xs, ys = x.view(deltas.shape[0], -1, in_features), y.view(deltas.shape[0], -1, n)
-    if xs.shape[1] <= CSR_MAX_ROWS:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a ~1-10 ms product: 10x slower with 2 threads on busy cores (measured)
-        try:
-            for xh, yh, dh in zip(xs, ys, deltas):
-                s = torch.sparse_csr_tensor(crow, cols, dh.float(), (n, in_features), check_invariants=False)
-                yh.add_(torch.sparse.mm(s, xh.float().t()).t())
-        finally:
-            torch.set_num_threads(threads)
-        return
     for xh, yh, dh in zip(xs, ys, deltas):
-        yh.index_add_(1, rows, xh.index_select(1, cols).mul_(dh.to(x.dtype)))
+        if k > in_features + n:
+            s = torch.sparse_csr_tensor(crow, cols, dh.float(), (n, in_features), check_invariants=False)
+            yh.add_(torch.sparse.mm(s, xh.float().t()).t())
+        else:
+            yh.index_add_(1, rows, xh.index_select(1, cols).mul_(dh.to(x.dtype)))
 
 
 # --- the layer -----------------------------------------------------------------------------
@@ -214,6 +213,10 @@ class Int4Linear(ExactEntriesLinear):
         self._exact_buffers(k, bias, device)
         self._aten_pack: torch.Tensor | None = None  # the eager CPU kernel's own packing, built on first use
         self._layout: tuple[torch.Tensor, ...] | None = None  # sparse_layout of idx, built on first use
+        # [H, k] extra deltas on the exact entries for H equal row groups of x, set by a fused ±ε
+        # forward (zo/fused.py) for its duration: folded into this layer's own correction, so the
+        # fused step costs one CSR product per half, not one for the layer plus one per half.
+        self.pm_delta: torch.Tensor | None = None
 
     @torch.no_grad()
     def quantize_(self, weight: torch.Tensor, idx: torch.Tensor | None) -> None:
@@ -293,17 +296,23 @@ class Int4Linear(ExactEntriesLinear):
             return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Up to ``CSR_MAX_ROWS`` rows of a big layer on CPU: 4-bit matmul + sparse correction.
+        """Up to ``KERNEL_MAX_ROWS`` rows of a big layer on CPU: 4-bit matmul + sparse correction.
         Otherwise (more rows, a small layer, another device): dequantize, write the exact entries,
         dense matmul — the dequantization is then small next to the matmul, the correction is not."""
         x2 = x.reshape(-1, self.in_features)
         small = self.in_features * self.out_features < KERNEL_MIN_WEIGHTS
-        if x2.device.type != "cpu" or x2.shape[0] > CSR_MAX_ROWS or small:
+        extra = self.pm_delta
+        if extra is not None and x2.shape[0] % extra.shape[0]:
+            raise SparseZOError(f"a fused ±ε forward needs {extra.shape[0]} equal row groups, got {x2.shape[0]} rows")
+        if x2.device.type != "cpu" or x2.shape[0] > KERNEL_MAX_ROWS or small:
             y = F.linear(x2, self.dequantized())
+            if extra is not None and self.idx.numel():
+                sparse_add_(y, x2, self.layout(), extra)
         else:
             y = self.base_mm(x2)
             if self.idx.numel():
-                sparse_add_(y, x2, self.layout(), self.values.float() - self.qvalues)
+                delta = self.values.float() - self.qvalues
+                sparse_add_(y, x2, self.layout(), delta if extra is None else delta + extra)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)

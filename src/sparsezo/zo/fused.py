@@ -3,7 +3,8 @@
 A step scores the same batch at θ+εz and θ−εz, and the two models differ only in the k
 trainable entries. Here the batch is stacked as [x; x] and run once with the weights at cast(θ):
 every linear holding trainable entries gets a forward hook that adds, to each half of its output,
-the sparse correction x[:, cols] · (cast(θ ± εz) − cast(θ)) (see :func:`sparse_add_`). The base
+the sparse correction x[:, cols] · (cast(θ ± εz) − cast(θ)) (see :func:`sparse_add_`); an int4
+layer, which adds a correction of its own anyway, takes the two deltas into it (``pm_delta``). The base
 matmul — for a 4-bit layer, reading and dequantizing its codes — runs once per step instead of
 twice, on twice the rows, which is where a batch-1 step on a big model is cheaper.
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..errors import SparseZOError
 from ..quant import QUANT_LAYERS
-from ..quant.int4 import sparse_add_, sparse_layout
+from ..quant.int4 import Int4Linear, sparse_add_, sparse_layout
 from ..scoring import Batch, batch_loss, candidate_logprobs, loss_from_scores
 from .trainable import TrainableParams
 
@@ -58,17 +59,22 @@ class PMLoss:
 class FusedPM:
     """Forward hooks that add the ±ε sparse corrections to the two halves of a stacked batch."""
 
-    def __init__(self, model: nn.Module, params: TrainableParams):
+    def __init__(self, model: nn.Module, params: TrainableParams, max_tokens: int | None = None):
+        """``max_tokens``: fuse only batches of at most this many token positions (None: every batch)."""
         reason = self.unsupported(model, params)
         if reason:
             raise SparseZOError(f"--fused-pm cannot run here: {reason}; run without --fused-pm")
-        self.params = params
+        self.params, self.max_tokens = params, max_tokens
         self._delta: torch.Tensor | None = None  # [2, |θ|] fp32 while a fused forward runs
         self._hooks = []
+        self._int4: list[tuple[Int4Linear, int, int]] = []  # layers that take the deltas into their own correction
         for k, name in enumerate(params.names):
             module = model.get_submodule(name.rpartition(".")[0])
-            idx = module.idx if isinstance(module, QUANT_LAYERS) else params.indices[k]
             s, e = params.offsets[k], params.offsets[k + 1]
+            if isinstance(module, Int4Linear):
+                self._int4.append((module, s, e))
+                continue
+            idx = module.idx if isinstance(module, QUANT_LAYERS) else params.indices[k]
             layout = sparse_layout(idx, module.in_features, module.out_features)
             self._hooks.append(module.register_forward_hook(self._hook(layout, module.in_features, s, e)))
 
@@ -88,6 +94,12 @@ class FusedPM:
     def supports(model: nn.Module, params: TrainableParams) -> bool:
         return FusedPM.unsupported(model, params) is None
 
+    def serves(self, loss_fn: Callable[[], float]) -> bool:
+        """Whether this step's loss is scored fused: it can pair, and its batch is within ``max_tokens``."""
+        if not hasattr(loss_fn, "pair"):
+            return False
+        return self.max_tokens is None or loss_fn.batch.input_ids.numel() <= self.max_tokens
+
     def _hook(self, layout: tuple[torch.Tensor, ...], in_features: int, s: int, e: int) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if self._delta is None:
@@ -104,13 +116,18 @@ class FusedPM:
         (the values the unfused path would write, in the compute dtype)."""
         current = self.params.rounded(self.params.theta)
         self._delta = torch.stack([plus.float() - current, minus.float() - current])
+        for module, s, e in self._int4:
+            module.pm_delta = self._delta[:, s:e]
         try:
             return pair()
         finally:
             self._delta = None
+            for module, _, _ in self._int4:
+                module.pm_delta = None
 
     def remove(self) -> None:
         """Detach the hooks (the model computes as before)."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._int4.clear()

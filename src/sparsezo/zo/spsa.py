@@ -124,10 +124,11 @@ class ZOEngine:
     def perturbed_losses(self, seed: int, loss_fn: Callable[[], float]) -> tuple[float, float]:
         """L(θ+εz) and L(θ−εz); the weights are left perturbed (call ``params.restore``).
 
-        With a fused engine and a loss that has ``pair()``, both come from one forward over the
-        stacked batch, the weights untouched (see zo/fused.py); the same cast values are applied.
+        With a fused engine that serves this loss (it has ``pair()``, its batch is small enough),
+        both come from one forward over the stacked batch, the weights untouched (see zo/fused.py);
+        the same cast values are applied.
         """
-        if self.fused is not None and hasattr(loss_fn, "pair"):
+        if self.fused is not None and self.fused.serves(loss_fn):
             eps, theta = self.cfg.eps, self.params.theta
             z = torch.cat([self.noise(seed, s, e) for s, e in self.params.blocks()])
             return self.fused.losses((theta + eps * z).to(self.params.dtype), (theta - eps * z).to(self.params.dtype),
