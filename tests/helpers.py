@@ -87,4 +87,3 @@ def load_benchmark(name: str):
     module = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-

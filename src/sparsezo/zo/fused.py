@@ -57,7 +57,8 @@ class PMLoss:
 
 
 class FusedPM:
-    """Forward hooks that add the ±ε sparse corrections to the two halves of a stacked batch."""
+    """Adds the ±ε sparse corrections to the two halves of a stacked batch: forward hooks on dense
+    and NF4 linears, ``pm_delta`` on int4 ones (which fold it into their own correction)."""
 
     def __init__(self, model: nn.Module, params: TrainableParams, max_tokens: int | None = None):
         """``max_tokens``: fuse only batches of at most this many token positions (None: every batch)."""
