@@ -1,4 +1,4 @@
-"""The reproduction grid's bookkeeping (benchmarks/reproduce.py): lr choice, density lr law, claims, stale cells.
+"""The reproduction grid's bookkeeping (benchmarks/reproduce.py): lr choice per task, claims, flatness, stale cells.
 
 The grid itself runs the real model for hours; here its decisions are checked on made-up cells.
 """
@@ -20,52 +20,58 @@ def _put(store, cell, **result):
     p.write_text(json.dumps({"spec": cell.spec(), **result}))
 
 
-def _search(store, method, aucs):
-    for lr, auc in zip(R.lr_grid(method), aucs):
-        _put(store, R.Cell("search", method, R.SEARCH_TASK, R.SEARCH_SEED, lr=lr), dev_auc=auc)
+def _search(store, method, task, aucs):
+    for lr, auc in zip(R.METHODS[method].lrs, aucs):
+        _put(store, R.Cell("train", method, task, R.SEARCH_SEED, lr), dev_auc=auc, test_accuracy=auc)
 
 
-def test_lr_is_chosen_on_dev_with_ties_to_the_smaller_and_waits_for_the_whole_search(tmp_path):
+def test_lr_is_chosen_per_task_on_dev_with_ties_to_the_smaller_and_waits_for_the_whole_search(tmp_path):
     store = R.Store(tmp_path / "r")
-    _search(store, "random", [0.5, 0.7])  # two of four candidates done
-    assert store.lr("random") is None and not R.ready(store, R.Cell("grid", "random", "sst2", 1))
-    _search(store, "random", [0.5, 0.7, 0.7, 0.6])
-    assert store.lr("random") == R.lr_grid("random")[1]
-    assert R.ready(store, R.Cell("grid", "random", "sst2", 1))
-    _search(store, "sensitive", [0.9, 0.5, 0.5, 0.5])  # best on the low edge: the grid grows downwards
-    lrs, scores = store.search("sensitive")
-    assert lrs == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3] and not scores and store.lr("sensitive") is None
-    assert R.Cell("search", "sensitive", "sst2", 0, lr=1e-5) in R.all_cells(store)
-    _put(store, R.Cell("search", "sensitive", R.SEARCH_TASK, R.SEARCH_SEED, lr=1e-5), dev_auc=0.8)
-    assert store.lr("sensitive-nf4") == store.lr("sensitive") == 3e-5  # 1e-5 is worse: settled
-    _search(store, "full", [0.1, 0.2, 0.3, 0.4])  # rising to the top edge: at most MAX_EXTEND more
-    for lr in (3e-6, 1e-5):
-        assert store.search("full")[0][-1] == lr
-        _put(store, R.Cell("search", "full", R.SEARCH_TASK, R.SEARCH_SEED, lr=lr), dev_auc=0.5 + lr * 1e4)
-    assert store.search("full")[0] == [3e-8, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5] and store.lr("full") == 1e-5
+    grid = R.METHODS["random"].lrs
+    _search(store, "random", "sst2", [0.5, 0.7])  # two of three candidates done
+    assert store.lr("random", "sst2") is None
+    assert not any(c.method == "random" and c.seed != R.SEARCH_SEED for c in R.all_cells(store))
+    _search(store, "random", "sst2", [0.5, 0.7, 0.7])
+    assert store.lr("random", "sst2") == grid[1] and store.lr("random", "copa") is None  # per task
+    later = [c for c in R.all_cells(store) if c.method == "random" and c.seed != R.SEARCH_SEED]
+    assert {(c.task, c.seed, c.lr) for c in later} == {("sst2", 1, grid[1]), ("sst2", 2, grid[1])}
+    _search(store, "sensitive", "copa", [0.6, 0.5, 0.5])
+    assert store.lr("sensitive-nf4", "copa") == store.lr("sensitive-262k", "copa") == R.METHODS["sensitive"].lrs[0]
+    assert store.lr("sensitive-auto", "copa") is None  # --lr auto: no searched lr, its cells are listed anyway
+    assert R.Cell("train", "sensitive-auto", "copa", 2) in R.all_cells(store)
 
 
-def test_density_lr_follows_the_power_law_through_the_two_searched_points(tmp_path):
+def test_the_counted_result_is_the_cell_at_the_chosen_lr_and_the_grid_size_is_what_gets_listed(tmp_path):
     store = R.Store(tmp_path / "r")
-    _search(store, "random", [0, 0, 1, 0])  # 3e-4 at 1e-3
-    assert store.lr("random", 1e-2) is None  # needs full ZO's lr too
-    _search(store, "full", [0, 1, 0, 0])  # 1e-7 at density 1
-    assert math.isclose(store.lr("random", 1.0), 1e-7)
-    assert math.isclose(store.lr("random", 1e-3), 3e-4)
-    a = math.log(1e-7 / 3e-4) / math.log(1e-3)
-    assert math.isclose(store.lr("random", 1e-5), 3e-4 * 100**a)
-    assert store.lr("random", 1e-5) > 3e-4 > store.lr("random", 1e-1) > 1e-7
+    for t in R.TASKS:
+        for m, spec in R.METHODS.items():
+            if spec.lrs:
+                _search(store, m, t, [0.5] * len(spec.lrs))
+    chosen = R.METHODS["full"].lrs[0]
+    assert store.result("full", "sst2", 0)["dev_auc"] == 0.5
+    assert store.result("full", "sst2", 1) is None  # seed 1 not run yet
+    _put(store, R.Cell("train", "full", "sst2", 1, chosen), test_accuracy=0.6)
+    assert store.result("full", "sst2", 1)["test_accuracy"] == 0.6
+    listed = R.all_cells(store)
+    assert len(listed) == len(set(listed)) == R.expected_cells()
 
 
-def test_a_cell_with_other_settings_is_stale(tmp_path):
+def test_a_cell_with_other_settings_is_stale_and_a_stored_spec_compares_equal(tmp_path):
     store = R.Store(tmp_path / "r")
-    cell = R.Cell("grid", "full", "sst2", 0)
+    cell = R.Cell("train", "full", "sst2", 0, 1e-6)
     p = store.path(cell)
     p.parent.mkdir(parents=True)
-    p.write_text(json.dumps({"spec": dict(cell.spec(), steps=1), "test_accuracy": 1.0}))
+    p.write_text(json.dumps({"spec": dict(cell.spec(), budget=1), "test_accuracy": 1.0}))
     assert store.get(cell) is None
-    _put(store, cell, test_accuracy=0.5)
+    _put(store, cell, test_accuracy=0.5)  # the spec holds the method's lr grid: a tuple, stored as a list
     assert store.get(cell)["test_accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("devs,rising", [([0.5, 0.5, 0.52, 0.5, 0.5, 0.51, 0.5], False),  # noise: flat
+                                         ([0.5, 0.55, 0.6, 0.62, 0.66, 0.7, 0.72], True),
+                                         ([0.5, 0.7, 0.72, 0.7, 0.68, 0.7, 0.71], False)])  # rose, then flat
+def test_a_curve_is_still_rising_when_its_second_half_beats_its_first_by_a_standard_error(devs, rising):
+    assert R.still_rising({"curve": [{"dev": d} for d in devs]}, n_dev=100) is rising
 
 
 @pytest.mark.parametrize("diffs,verdict", [([0.1, 0.12, 0.09, 0.11], "a better"), ([-0.1, -0.12, -0.09, -0.11], "a worse"),
@@ -97,3 +103,29 @@ def test_per_task_interval_uses_student_t_not_the_normal():
 @pytest.mark.parametrize("df,expected", [(1, 12.706), (2, 4.303), (14, 2.145), (120, 1.980)])
 def test_t_quantile_matches_the_table(df, expected):
     assert stats.t_quantile(df) == pytest.approx(expected, abs=1e-3)
+
+
+def test_report_gives_verdicts_flatness_and_flags_an_lr_on_the_edge(tmp_path):
+    store = R.Store(tmp_path / "r")
+    curve = lambda top: [{"step": i, "forwards": 2 * i, "dev": 0.5 + top * i / 6} for i in range(7)]  # noqa: E731
+    run = lambda acc, top, lr=1e-4: dict(test_accuracy=acc, dev_auc=acc, curve=curve(top), improved=top > 0,  # noqa: E731
+                                         probe_forwards=0, lr_used=lr, seconds=1.0)
+    for s in R.SEEDS:
+        _put(store, R.Cell("eval", "zero-shot", "sst2", s), test_accuracy=0.5, seconds=1.0)
+        _put(store, R.Cell("train", "full", "sst2", s, R.METHODS["full"].lrs[0]), **run(0.5, 0.0))
+    for lr, acc in zip(R.METHODS["sensitive"].lrs, (0.6, 0.7, 0.8)):  # best on the top edge
+        _put(store, R.Cell("train", "sensitive", "sst2", 0, lr), **run(acc, 0.3, lr))
+    for m in ("full",):
+        for lr in R.METHODS[m].lrs[1:]:
+            _put(store, R.Cell("train", m, "sst2", 0, lr), **run(0.4, 0.0, lr))
+    for s, acc in zip((1, 2), (0.78, 0.79)):
+        _put(store, R.Cell("train", "sensitive", "sst2", s, R.METHODS["sensitive"].lrs[-1]), **run(acc, 0.3))
+    r = R.report(store, tmp_path / "r", "cmd")
+    claim = next(c for c in r["claims"] if (c["a"], c["b"]) == ("sensitive", "full"))
+    assert claim["n"] == 3 and claim["verdict"] == "a better" and math.isclose(claim["mean_diff"], 0.29)
+    assert r["status"]["sst2"]["sensitive"] == {"seeds": 3, "improved": 3, "rising": 3, "forwards": R.TASKS["sst2"].budget,
+                                                "lr": [1e-4] * 3}
+    md = (tmp_path / "r.md").read_text()
+    assert "improved 0/3, rising 0/3" in md and "**0.0001: 0.800** ⚠" in md
+    assert "| SensZOQ: the sensitive 0.1% beats a random 0.1% | sensitive − random | 0 | - | - | cells missing |" in md
+    assert (tmp_path / "r_sst2.png").is_file() and r["cells_done"] < r["cells_total"]
