@@ -11,8 +11,9 @@ Protocol (every number below is a constant of this file and part of each cell's 
 - lr per (method, task): on seed 0, every lr of the method's own 3-point grid is a training cell;
   the lr with the best mean dev accuracy over the evaluations after step 0 (ties: the smaller) is
   the method's lr on that task, and seeds 1-2 run with it. The seed-0 result is the search cell at
-  that lr (chosen on dev only, so its test accuracy is unselected). Every method gets the same
-  three search cells; a choice on the edge of its grid is flagged in the report.
+  that lr (chosen on dev only, so its test accuracy is unselected). A best lr on the edge of the
+  grid adds its neighbour on that side once (the same rule for every method); a choice still on
+  the edge is flagged in the report.
   ``lr_from`` methods (same mask, other base or calibration) reuse another method's lr;
   ``sensitive-auto`` runs ``--lr auto`` (the default recipe's probe; its forwards are reported).
 - prompts are cut to their last ``MAX_PROMPT_TOKENS`` tokens (the question and the answer cue end
@@ -99,9 +100,20 @@ EVAL_ONLY = ("zero-shot", f"icl-{ICL_SHOTS}")
 FULL_STEP_SECONDS = 3.1
 
 
+MAX_EXTEND = 1  # a best lr on the edge of a method's grid adds its neighbour on that side, at most this often
+
+
 def best_lr(scores: dict[float, float]) -> float:
     """The best-scoring lr; ties go to the smaller lr."""
     return max(scores, key=lambda lr: (scores[lr], -lr))
+
+
+def neighbour(lr: float, up: bool) -> float:
+    """The next value of the 1-3-10 ladder the grids are on."""
+    m, e = (int(x) for x in f"{lr:.0e}".split("e"))
+    if up:
+        return float(f"3e{e}") if m == 1 else float(f"1e{e + 1}")
+    return float(f"3e{e - 1}") if m == 1 else float(f"1e{e}")
 
 
 # ----------------------------------------------------------------------------- cells
@@ -163,9 +175,26 @@ class Store:
             for p in d.rglob("*.lock") if d.exists() else []:
                 p.unlink()
 
+    def search_lrs(self, method: str, task: str) -> list[float]:
+        """The lrs a method's search on a task runs: its grid, grown by one neighbour while the best
+        of the finished grid sits on an edge (at most MAX_EXTEND times; the same rule for every method)."""
+        lrs = list(METHODS[method].lrs)
+        while lrs and len(lrs) - len(METHODS[method].lrs) < MAX_EXTEND:
+            got = [self.get(Cell("train", method, task, SEARCH_SEED, lr)) for lr in lrs]
+            if any(g is None for g in got):
+                break
+            best = best_lr({lr: g["dev_auc"] for lr, g in zip(lrs, got)})
+            if best == lrs[-1]:
+                lrs.append(neighbour(best, up=True))
+            elif best == lrs[0]:
+                lrs.insert(0, neighbour(best, up=False))
+            else:
+                break
+        return lrs
+
     def search(self, method: str, task: str) -> dict[float, float] | None:
-        """Dev score of every lr of the method's grid on the task, or None until all are done."""
-        got = {lr: self.get(Cell("train", method, task, SEARCH_SEED, lr)) for lr in METHODS[method].lrs}
+        """Dev score of every lr of the method's search on the task, or None until all are done."""
+        got = {lr: self.get(Cell("train", method, task, SEARCH_SEED, lr)) for lr in self.search_lrs(method, task)}
         return None if not got or any(v is None for v in got.values()) else {lr: v["dev_auc"] for lr, v in got.items()}
 
     def lr(self, method: str, task: str) -> float | None:
@@ -196,16 +225,18 @@ def all_cells(store: Store) -> list[Cell]:
                 if m.lr_auto:
                     cells.append(Cell("train", name, t, s))
                 elif m.lrs and s == SEARCH_SEED:
-                    cells += [Cell("train", name, t, s, lr) for lr in m.lrs]
+                    cells += [Cell("train", name, t, s, lr) for lr in store.search_lrs(name, t)]
                 elif (lr := store.lr(name, t)) is not None:
                     cells.append(Cell("train", name, t, s, lr))
     return cells
 
 
-def expected_cells() -> int:
-    """How many cells the finished grid holds (a search's winner is one of its own cells)."""
+def expected_cells(store: Store) -> int:
+    """How many cells the finished grid holds (a search's winner is one of its own cells), with the
+    searches grown as far as is known yet."""
     per_task = sum(len(m.lrs) + len(SEEDS) - 1 if m.lrs else len(SEEDS) for m in METHODS.values())
-    return len(TASKS) * (per_task + len(SEEDS) * len(EVAL_ONLY))
+    grown = sum(len(store.search_lrs(n, t)) - len(m.lrs) for n, m in METHODS.items() if m.lrs for t in TASKS)
+    return len(TASKS) * (per_task + len(SEEDS) * len(EVAL_ONLY)) + grown
 
 
 # ----------------------------------------------------------------------------- running one cell
@@ -353,7 +384,7 @@ def plan(store: Store) -> dict:
         evals = (EVALS + 1) * spec.num_dev + spec.num_test  # rows scored: dev at every evaluation, test once
         for name, m in METHODS.items():
             lr = store.lr(name, t)  # None while the search runs: the later seeds are then all missing
-            need = [Cell("train", name, t, SEARCH_SEED, x) for x in m.lrs]
+            need = [Cell("train", name, t, SEARCH_SEED, x) for x in (store.search_lrs(name, t) if m.lrs else [])]
             need += [Cell("train", name, t, s, None if m.lr_auto else lr) for s in SEEDS
                      if not (m.lrs and s == SEARCH_SEED)]
             got = [g["seconds"] for c in need if (c.lr is not None or m.lr_auto) and (g := store.get(c))]
@@ -370,7 +401,7 @@ def plan(store: Store) -> dict:
             rows = spec.num_test * (1 + ICL_SHOTS if mname.startswith("icl") else 1)
             total, cells = total + len(missing) * rows * per_eval_row[t], cells + len(missing)
     done = [g["seconds"] for c in all_cells(store) if (g := store.get(c))]
-    return {"cells_missing": cells, "cells_total": expected_cells(), "projected_single_thread_s": round(total),
+    return {"cells_missing": cells, "cells_total": expected_cells(store), "projected_single_thread_s": round(total),
             "done_single_thread_s": round(sum(done)), "method_tasks_from_measured_cells": measured,
             "sec_per_forward_1_thread": {t: round(v, 3) for t, v in per_forward.items()}}
 
@@ -432,7 +463,7 @@ def report(store: Store, out: Path, command: str) -> dict:
               "icl_shots": ICL_SHOTS, "tasks": {t: asdict(s) for t, s in TASKS.items()},
               "methods": {m: asdict(v) for m, v in METHODS.items()}, "lr_search": search, "status": status,
               "test_accuracy": table, "claims": _claims(acc), "cells_done": len(done),
-              "cells_total": expected_cells(), "cell_seconds": round(sum(g["seconds"] for g in done))}
+              "cells_total": expected_cells(store), "cell_seconds": round(sum(g["seconds"] for g in done))}
     write_json(f"{out}.json", result)
     _plots(out, runs, table)
     write_text(f"{out}.md", _markdown(result, grid_methods, Path(out).name))
@@ -523,7 +554,8 @@ def _markdown(r: dict, methods: list[str], name: str) -> str:
             + (f" ({st['forwards']} fwd)" if st["forwards"] != r["tasks"][t]["budget"] else "")
             for t in TASKS) + " |")
     lines += ["", "## Learning-rate search (seed 0, dev only; score = mean dev accuracy after step 0)", "",
-              "⚠ = the choice is on the edge of the grid (a wider grid might do better).", "",
+              f"A best lr on the edge of a method's grid adds the next value on that side (at most {MAX_EXTEND} time, "
+              "the same rule for every method); ⚠ = the choice is still on the edge (a wider grid might do better).", "",
               "| task | " + " | ".join(m for m, v in r["methods"].items() if v["lrs"]) + " |",
               "|---|" + "---|" * sum(bool(v["lrs"]) for v in r["methods"].values())]
     for t, by_m in r["lr_search"].items():
