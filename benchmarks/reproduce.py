@@ -455,8 +455,8 @@ def report(store: Store, out: Path, command: str) -> dict:
                       "forwards": TASKS[t].budget + (max(r["probe_forwards"] for r in rs) if rs else 0),
                       "lr": [r["lr_used"] for r in rs]}
                   for m, rs in by_m.items()} for t, by_m in runs.items()}
-    search = {t: {m: ({f"{lr:g}": v for lr, v in sc.items()} if (sc := store.search(m, t)) else None)
-                  for m, mm in METHODS.items() if mm.lrs} for t in TASKS}
+    search = {t: {m: {f"{lr:g}": g["dev_auc"] if (g := store.get(Cell("train", m, t, SEARCH_SEED, lr))) else None
+                      for lr in store.search_lrs(m, t)} for m, mm in METHODS.items() if mm.lrs} for t in TASKS}
     done = [got for c in all_cells(store) if (got := store.get(c)) is not None]
     result = {"command": command, "model": "SmolLM2-135M-Instruct (embedded), bfloat16", "seeds": list(SEEDS),
               "batch": BATCH, "eps": EPS, "evals": EVALS, "max_prompt_tokens": MAX_PROMPT_TOKENS,
@@ -555,18 +555,17 @@ def _markdown(r: dict, methods: list[str], name: str) -> str:
             for t in TASKS) + " |")
     lines += ["", "## Learning-rate search (seed 0, dev only; score = mean dev accuracy after step 0)", "",
               f"A best lr on the edge of a method's grid adds the next value on that side (at most {MAX_EXTEND} time, "
-              "the same rule for every method); ⚠ = the choice is still on the edge (a wider grid might do better).", "",
+              "the same rule for every method); **bold** = the choice, once every lr is done (… = still running or "
+              "to run); ⚠ = the choice is still on the edge (a wider grid might do better).", "",
               "| task | " + " | ".join(m for m, v in r["methods"].items() if v["lrs"]) + " |",
               "|---|" + "---|" * sum(bool(v["lrs"]) for v in r["methods"].values())]
     for t, by_m in r["lr_search"].items():
         row = []
-        for m, scores in by_m.items():
-            if scores is None:
-                row.append("-")
-                continue
-            chosen = best_lr({float(k): v for k, v in scores.items()})
-            edge = " ⚠" if chosen in (min(map(float, scores)), max(map(float, scores))) else ""
-            row.append(", ".join(f"{'**' if float(k) == chosen else ''}{k}: {v:.3f}{'**' if float(k) == chosen else ''}"
+        for scores in by_m.values():  # every lr of the search so far; the choice once all are done
+            done = None not in scores.values()
+            chosen = best_lr({float(k): v for k, v in scores.items()}) if done else None
+            edge = " ⚠" if done and chosen in (min(map(float, scores)), max(map(float, scores))) else ""
+            row.append(", ".join(f"{k}: …" if v is None else f"**{k}: {v:.3f}**" if float(k) == chosen else f"{k}: {v:.3f}"
                                  for k, v in scores.items()) + edge)
         lines.append(f"| {t} | " + " | ".join(row) + " |")
     lines += ["", "## Plots", ""] + [f"- `{name}_{t}.png`: {t} dev accuracy vs forwards, one line per method"
