@@ -441,6 +441,19 @@ def still_rising(cell: dict, n_dev: int) -> bool:
     return late > early + math.sqrt(max(early * (1 - early), 1e-4) / n_dev)
 
 
+def auto_share(acc, task: str, method: str = "sensitive") -> dict:
+    """Issue 19's check of the default: the gain over zero-shot of ``--lr auto`` as a share of the
+    searched lr's gain (mean over the seeds where both cells exist; the share only when the
+    searched lr gained)."""
+    pairs = [(a, b, z) for s in SEEDS if (a := acc(f"{method}-auto", task, s)) is not None
+             and (b := acc(method, task, s)) is not None and (z := acc("zero-shot", task, s)) is not None]
+    if not pairs:
+        return {"n": 0}
+    auto, searched = (float(np.mean([p[i] - p[2] for p in pairs])) for i in (0, 1))
+    return {"n": len(pairs), "gain_auto": auto, "gain_searched": searched,
+            "share": auto / searched if searched > 0 else None}
+
+
 def report(store: Store, out: Path, command: str) -> dict:
     grid_methods = [*EVAL_ONLY, *METHODS]
 
@@ -458,10 +471,11 @@ def report(store: Store, out: Path, command: str) -> dict:
     search = {t: {m: {f"{lr:g}": g["dev_auc"] if (g := store.get(Cell("train", m, t, SEARCH_SEED, lr))) else None
                       for lr in store.search_lrs(m, t)} for m, mm in METHODS.items() if mm.lrs} for t in TASKS}
     done = [got for c in all_cells(store) if (got := store.get(c)) is not None]
+    auto = {t: auto_share(acc, t) for t in TASKS}
     result = {"command": command, "model": "SmolLM2-135M-Instruct (embedded), bfloat16", "seeds": list(SEEDS),
               "batch": BATCH, "eps": EPS, "evals": EVALS, "max_prompt_tokens": MAX_PROMPT_TOKENS,
               "icl_shots": ICL_SHOTS, "tasks": {t: asdict(s) for t, s in TASKS.items()},
-              "methods": {m: asdict(v) for m, v in METHODS.items()}, "lr_search": search, "status": status,
+              "methods": {m: asdict(v) for m, v in METHODS.items()}, "lr_search": search, "status": status, "auto_share": auto,
               "test_accuracy": table, "claims": _claims(acc), "cells_done": len(done),
               "cells_total": expected_cells(store), "cell_seconds": round(sum(g["seconds"] for g in done))}
     write_json(f"{out}.json", result)
@@ -541,6 +555,14 @@ def _markdown(r: dict, methods: list[str], name: str) -> str:
             "-" if not p["n"] else f"{p['mean_diff']:+.3f} (1 seed)" if p["n"] == 1
             else f"{p['mean_diff']:+.3f} ± {p['ci95']:.3f}{mark[p['verdict']]}"
             for p in c["per_task"].values()) + " |")
+    lines += ["", "## `--lr auto` against the searched lr (issue 19: the default's gain ≥ 80% of the best lr's)", "",
+              "Test gain over zero-shot, mean over the seeds where both cells exist; share = auto / searched "
+              "(only where the searched lr gained).", "",
+              "| task | seeds | gain, --lr auto | gain, searched lr | share |", "|---|---|---|---|---|"]
+    for t, a in r["auto_share"].items():
+        lines.append(f"| {t} | - | - | - | - |" if not a["n"] else
+                     f"| {t} | {a['n']} | {a['gain_auto']:+.3f} | {a['gain_searched']:+.3f} | "
+                     + ("-" if a["share"] is None else f"{a['share']:.2f}") + " |")
     lines += ["", "## Did each method move, and had it flattened?", "",
               "Per task: seeds whose best dev beat the step-0 dev by > 2 standard errors (`improved`) / seeds whose "
               "dev curve was still rising in the second half of the budget (best of the last half > best of the "

@@ -146,3 +146,14 @@ def test_a_best_lr_on_the_edge_grows_the_search_once_on_that_side(tmp_path):
     _search(store, "sensitive", "rte", [0.5, 0.6, 0.5])  # inside: settled, no growth
     assert store.search_lrs("sensitive", "rte") == list(R.METHODS["sensitive"].lrs)
     assert store.lr("sensitive", "rte") == R.METHODS["sensitive"].lrs[1]
+
+
+def test_auto_share_is_the_default_gain_over_the_searched_gain():
+    cells = {("zero-shot", "sst2", s): 0.5 for s in R.SEEDS}
+    cells.update({("sensitive", "sst2", s): 0.7 for s in R.SEEDS})
+    cells.update({("sensitive-auto", "sst2", 0): 0.66, ("sensitive-auto", "sst2", 1): 0.64})  # seed 2 missing
+    got = R.auto_share(lambda m, t, s: cells.get((m, t, s)), "sst2")
+    assert got["n"] == 2 and math.isclose(got["gain_auto"], 0.15) and math.isclose(got["share"], 0.75)
+    assert R.auto_share(lambda m, t, s: cells.get((m, t, s)), "copa") == {"n": 0}
+    cells.update({("sensitive", "copa", 0): 0.5, ("sensitive-auto", "copa", 0): 0.5, ("zero-shot", "copa", 0): 0.5})
+    assert R.auto_share(lambda m, t, s: cells.get((m, t, s)), "copa")["share"] is None  # nothing to share
