@@ -12,8 +12,8 @@ Protocol (every number below is a constant of this file and part of each cell's 
   the lr with the best mean dev accuracy over the evaluations after step 0 (ties: the smaller) is
   the method's lr on that task, and seeds 1-2 run with it. The seed-0 result is the search cell at
   that lr (chosen on dev only, so its test accuracy is unselected). A best lr on the edge of the
-  grid adds its neighbour on that side once (the same rule for every method); a choice still on
-  the edge is flagged in the report.
+  grid adds its neighbour on that side, at most twice (the same rule for every method); a choice
+  still on the edge is flagged in the report.
   ``lr_from`` methods (same mask, other base or calibration) reuse another method's lr;
   ``sensitive-auto`` runs ``--lr auto`` (the default recipe's probe; its forwards are reported).
 - prompts are cut to their last ``MAX_PROMPT_TOKENS`` tokens (the question and the answer cue end
@@ -100,7 +100,7 @@ EVAL_ONLY = ("zero-shot", f"icl-{ICL_SHOTS}")
 FULL_STEP_SECONDS = 3.1
 
 
-MAX_EXTEND = 1  # a best lr on the edge of a method's grid adds its neighbour on that side, at most this often
+MAX_EXTEND = 2  # a best lr on the edge of a method's grid adds its neighbour on that side, at most this often
 
 
 def best_lr(scores: dict[float, float]) -> float:
@@ -576,7 +576,7 @@ def _markdown(r: dict, methods: list[str], name: str) -> str:
             + (f" ({st['forwards']} fwd)" if st["forwards"] != r["tasks"][t]["budget"] else "")
             for t in TASKS) + " |")
     lines += ["", "## Learning-rate search (seed 0, dev only; score = mean dev accuracy after step 0)", "",
-              f"A best lr on the edge of a method's grid adds the next value on that side (at most {MAX_EXTEND} time, "
+              f"A best lr on the edge of a method's grid adds the next value on that side (at most {MAX_EXTEND} times, "
               "the same rule for every method); **bold** = the choice, once every lr is done (… = still running or "
               "to run); ⚠ = the choice is still on the edge (a wider grid might do better).", "",
               "| task | " + " | ".join(m for m, v in r["methods"].items() if v["lrs"]) + " |",

@@ -108,39 +108,41 @@ def test_t_quantile_matches_the_table(df, expected):
 def test_report_gives_verdicts_flatness_and_flags_an_lr_on_the_edge(tmp_path):
     store = R.Store(tmp_path / "r")
     curve = lambda top: [{"step": i, "forwards": 2 * i, "dev": 0.5 + top * i / 6} for i in range(7)]  # noqa: E731
-    run = lambda acc, top, lr=3e-4: dict(test_accuracy=acc, dev_auc=acc, curve=curve(top), improved=top > 0,  # noqa: E731
+    run = lambda acc, top, lr=1e-3: dict(test_accuracy=acc, dev_auc=acc, curve=curve(top), improved=top > 0,  # noqa: E731
                                          probe_forwards=0, lr_used=lr, seconds=1.0)
     for s in R.SEEDS:
         _put(store, R.Cell("eval", "zero-shot", "sst2", s), test_accuracy=0.5, seconds=1.0)
         _put(store, R.Cell("train", "full", "sst2", s, R.METHODS["full"].lrs[1]), **run(0.5, 0.0))
     for lr in R.METHODS["full"].lrs[::2]:
         _put(store, R.Cell("train", "full", "sst2", 0, lr), **run(0.4, 0.0, lr))
-    # best on the top edge, then on the new edge too: chosen, and flagged
-    for lr, acc in zip([*R.METHODS["sensitive"].lrs, 3e-4], (0.6, 0.7, 0.75, 0.8)):
+    # best on the top edge, then on each new edge too: chosen, and flagged
+    for lr, acc in zip([*R.METHODS["sensitive"].lrs, 3e-4, 1e-3], (0.6, 0.7, 0.75, 0.8, 0.81)):
         _put(store, R.Cell("train", "sensitive", "sst2", 0, lr), **run(acc, 0.3, lr))
     for s, acc in zip((1, 2), (0.78, 0.79)):
-        _put(store, R.Cell("train", "sensitive", "sst2", s, 3e-4), **run(acc, 0.3))
+        _put(store, R.Cell("train", "sensitive", "sst2", s, 1e-3), **run(acc, 0.3))
     r = R.report(store, tmp_path / "r", "cmd")
     claim = next(c for c in r["claims"] if (c["a"], c["b"]) == ("sensitive", "full"))
-    assert claim["n"] == 3 and claim["verdict"] == "a better" and math.isclose(claim["mean_diff"], 0.29)
+    assert claim["n"] == 3 and claim["verdict"] == "a better" and math.isclose(claim["mean_diff"], (0.81 + 0.78 + 0.79) / 3 - 0.5)
     assert r["status"]["sst2"]["sensitive"] == {"seeds": 3, "improved": 3, "rising": 3, "forwards": R.TASKS["sst2"].budget,
-                                                "lr": [3e-4] * 3}
+                                                "lr": [1e-3] * 3}
     md = (tmp_path / "r.md").read_text()
-    assert "improved 0/3, rising 0/3" in md and "**0.0003: 0.800** ⚠" in md
+    assert "improved 0/3, rising 0/3" in md and "**0.001: 0.810** ⚠" in md
     assert "| SensZOQ: the sensitive 0.1% beats a random 0.1% | sensitive − random | 0 | - | - | cells missing |" in md
     assert (tmp_path / "r_sst2.png").is_file() and r["cells_done"] < r["cells_total"]
 
 
-def test_a_best_lr_on_the_edge_grows_the_search_once_on_that_side(tmp_path):
+def test_a_best_lr_on_the_edge_grows_the_search_on_that_side_at_most_twice(tmp_path):
     store = R.Store(tmp_path / "r")
     grid = list(R.METHODS["full"].lrs)  # 1e-6, 3e-6, 1e-5
     _search(store, "full", "sst2", [0.5, 0.5, 0.6])  # best on the top edge
     assert store.search_lrs("full", "sst2") == [*grid, 3e-5] and store.lr("full", "sst2") is None
     assert R.Cell("train", "full", "sst2", 0, 3e-5) in R.all_cells(store)
+    _put(store, R.Cell("train", "full", "sst2", 0, 3e-5), dev_auc=0.7, test_accuracy=0.7)  # the edge again
+    assert store.search_lrs("full", "sst2") == [*grid, 3e-5, 1e-4] and R.MAX_EXTEND == 2
     before = R.expected_cells(store)
-    _put(store, R.Cell("train", "full", "sst2", 0, 3e-5), dev_auc=0.7, test_accuracy=0.7)
-    assert store.search_lrs("full", "sst2") == [*grid, 3e-5]  # at most MAX_EXTEND = 1 growth, even on the edge
-    assert store.lr("full", "sst2") == 3e-5 and R.expected_cells(store) == before
+    _put(store, R.Cell("train", "full", "sst2", 0, 1e-4), dev_auc=0.8, test_accuracy=0.8)
+    assert store.search_lrs("full", "sst2") == [*grid, 3e-5, 1e-4]  # at most MAX_EXTEND growths, even on the edge
+    assert store.lr("full", "sst2") == 1e-4 and R.expected_cells(store) == before
     _search(store, "random", "copa", [0.7, 0.5, 0.5])  # best on the low edge
     assert store.search_lrs("random", "copa")[0] == 3e-5
     _search(store, "sensitive", "rte", [0.5, 0.6, 0.5])  # inside: settled, no growth
