@@ -361,6 +361,7 @@ def plan(store: Store) -> dict:
     import torch
 
     from sparsezo.models import load_model
+    from sparsezo.train import PROBE_SHARE
     from sparsezo.zo.optim import forwards_per_step
 
     torch.set_num_threads(1)
@@ -393,7 +394,7 @@ def plan(store: Store) -> dict:
                 one, measured = float(np.mean(got)), measured + 1
             else:
                 steps = spec.budget // forwards_per_step(m.optimizer, m.q)
-                one = spec.budget * per_forward[t] * (1.1 if m.lr_auto else 1.0) + evals * per_eval_row[t]
+                one = spec.budget * per_forward[t] * (1 + PROBE_SHARE * m.lr_auto) + evals * per_eval_row[t]
                 one += steps * FULL_STEP_SECONDS if m.rule == "full" else 0.0
             total, cells = total + one * missing, cells + missing
         for mname in EVAL_ONLY:
@@ -422,8 +423,6 @@ def _claims(acc) -> list[dict]:
     """Paired differences a − b over every (task, seed) where both cells exist, and per task."""
     out = []
     for a, b, text in CLAIMS:
-        if not {a, b} <= {*EVAL_ONLY, *METHODS}:
-            continue
         by_task = {t: [x - y for s in SEEDS if (x := acc(a, t, s)) is not None and (y := acc(b, t, s)) is not None]
                    for t in TASKS}
         out.append({"claim": text, "a": a, "b": b, **paired([x for d in by_task.values() for x in d]),
