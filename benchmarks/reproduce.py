@@ -95,9 +95,10 @@ METHODS = {
     "random": Method("random", (1e-4, 3e-4, 1e-3)),
 }
 EVAL_ONLY = ("zero-shot", f"icl-{ICL_SHOTS}")
-# full ZO's extra cost a step on one thread, next to a second worker (the first SST-2 cells: 1,866 s for
-# 500 steps; perturbing, rounding and updating 134.5 M entries is memory-bound, and two workers share the bus)
-FULL_STEP_SECONDS = 3.1
+# full ZO's extra cost a step on one thread, next to a second worker: 3.1 s in the first SST-2 cells
+# (1,866 s for 500 steps; perturbing, rounding and updating 134.5 M entries is memory-bound, and two workers
+# share the bus), × 2.89/5.47 since the −ε phase keeps the applied direction (benchmarks/README.md)
+FULL_STEP_SECONDS = 1.65
 
 
 MAX_EXTEND = 2  # a best lr on the edge of a method's grid adds its neighbour on that side, at most this often

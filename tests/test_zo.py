@@ -153,6 +153,28 @@ def test_optimizers_descend_a_quadratic(opt):
 
 
 @pytest.mark.parametrize("rule", ["full", "random"])
+def test_read_returns_what_write_stored_across_tensor_boundaries(rule, monkeypatch):
+    """``read`` is ``write``'s inverse up to the cast, for ranges that start and end inside tensors."""
+    monkeypatch.setattr("sparsezo.zo.trainable.CHUNK", 37)  # odd chunks straddle every tensor boundary
+    model = tiny_model(dtype=torch.bfloat16)
+    params = TrainableParams(model, compute_mask(model, rule, 0.1, seed=3))
+    values = torch.randn(params.numel)
+    for s, e in params.blocks():
+        params.write(values[s:e], s)
+    got = torch.cat([params.read(s, e) for s, e in params.blocks()])
+    assert got.dtype == torch.bfloat16 and torch.equal(got, values.to(torch.bfloat16))
+    assert not torch.equal(got.float(), params.theta)  # the weights changed, θ did not
+
+
+def test_all_finite_matches_isfinite_including_an_overflowing_sum():
+    from sparsezo.zo.spsa import all_finite
+
+    big = torch.full((8,), 3e38)  # every entry finite, their sum is not
+    for x in (torch.ones(5), big, torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), -float("inf")])):
+        assert all_finite(x) == bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("rule", ["full", "random"])
 def test_cached_noise_fast_path_is_bit_identical_to_regenerating(rule):
     """Keeping z within a step (fast path) must not change a single bit of θ or the weights."""
     results = []
@@ -164,7 +186,7 @@ def test_cached_noise_fast_path_is_bit_identical_to_regenerating(rule):
         x = torch.arange(12).view(2, 6)
         for t in range(3):
             engine.step(t, lambda: model(input_ids=x).logits.float().pow(2).mean().item())
-        assert not engine._z  # nothing kept across steps
+        assert not engine._z and not engine._d  # nothing kept across steps
         results.append((params.theta.clone(), {k: v.clone() for k, v in model.state_dict().items()}))
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])

@@ -59,24 +59,35 @@ class TrainableParams:
         for s in range(0, self.numel, CHUNK):
             yield s, min(self.numel, s + CHUNK)
 
-    @torch.no_grad()
-    def write(self, values: torch.Tensor, start: int = 0) -> None:
-        """Cast ``values`` (= new θ[start:start+len]) to the compute dtype and store them in the weights."""
-        end = start + values.numel()
+    def _spans(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """(tensor k, first, last) of its trainable entries that θ[start:end] covers, in order."""
         first = bisect.bisect_right(self.offsets, start) - 1  # tensors overlapping [start, end) only
         for k in range(max(first, 0), len(self.storage)):
             if self.offsets[k] >= end:
                 break
-            t, idx = self.storage[k], self.indices[k]
             lo, hi = max(start, self.offsets[k]), min(end, self.offsets[k + 1])
-            if lo >= hi:
-                continue
-            a, b = lo - self.offsets[k], hi - self.offsets[k]
-            flat = t.view(-1)
+            if lo < hi:
+                yield k, lo - self.offsets[k], hi - self.offsets[k]
+
+    @torch.no_grad()
+    def write(self, values: torch.Tensor, start: int = 0) -> None:
+        """Cast ``values`` (= new θ[start:start+len]) to the compute dtype and store them in the weights."""
+        for k, a, b in self._spans(start, start + values.numel()):
+            flat, idx = self.storage[k].view(-1), self.indices[k]
+            v = values[self.offsets[k] + a - start : self.offsets[k] + b - start]
             if idx is None:  # copy_ casts on the fly: one pass, no compute-dtype temporary
-                flat[a:b].copy_(values[lo - start : hi - start])
+                flat[a:b].copy_(v)
             else:
-                flat.index_copy_(0, idx[a:b], values[lo - start : hi - start].to(self.dtype))
+                flat.index_copy_(0, idx[a:b], v.to(self.dtype))
+
+    @torch.no_grad()
+    def read(self, start: int, end: int) -> torch.Tensor:
+        """What the weights hold now for θ[start:end], in the compute dtype (the inverse of ``write``)."""
+        parts = []
+        for k, a, b in self._spans(start, end):
+            flat, idx = self.storage[k].view(-1), self.indices[k]
+            parts.append(flat[a:b] if idx is None else flat[idx[a:b]])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def restore(self) -> None:
         """Write the unperturbed θ back: weights become exactly cast(θ) again."""
