@@ -82,6 +82,7 @@ class Cell:
     model: str = MODELS[0]
     schedule: str = "constant"  # the lr schedule over the cell's steps (spsa.SCHEDULES)
     queries: int | None = None  # queries a step; None: QUERIES' default for the optimiser
+    density: float = DENSITY  # of the sensitive mask: a sparser set has fewer dimensions to estimate
 
     @property
     def q(self) -> int:
@@ -91,7 +92,8 @@ class Cell:
     def path(self) -> Path:
         sched = "" if self.schedule == "constant" else f"-{self.schedule}"
         q = "" if self.q == QUERIES.get(self.optimizer, 1) else f"-q{self.q}"
-        name = f"{self.optimizer}-{self.task}-seed{self.seed}-lr{self.lr}{sched}{q}-b{self.budget}.json"
+        d = "" if self.density == DENSITY else f"-d{self.density:g}"
+        name = f"{self.optimizer}-{self.task}-seed{self.seed}-lr{self.lr}{sched}{q}{d}-b{self.budget}.json"
         return CELLS / self.model / name
 
     def spec(self) -> dict:
@@ -102,7 +104,7 @@ class Cell:
         probe = {"probe_backoff": PROBE_BACKOFF} if self.lr == "auto" else {}
         return {**probe, "model": self.model, "optimizer": self.optimizer, "task": self.task, "seed": self.seed, "lr": self.lr,
                 "budget": self.budget, "q": self.q, "schedule": self.schedule, "batch": BATCH, "eps": EPS,
-                "density": DENSITY, "calib_tokens": CALIB_TOKENS, "evals": EVALS, "num_train": t.num_train,
+                "density": self.density, "calib_tokens": CALIB_TOKENS, "evals": EVALS, "num_train": t.num_train,
                 "num_dev": t.num_dev, "num_test": t.num_test, "max_prompt_tokens": t.max_prompt_tokens}
 
     def done(self) -> bool:
@@ -137,8 +139,8 @@ def mean_tokens(splits: dict, tok) -> float:
     return statistics.mean(len(tok(e.prompt + e.candidates[e.gold]).input_ids) for e in ex)
 
 
-def load_variant(name: str):
-    """Model, tokenizer and sensitive mask of one of :data:`MODELS`."""
+def load_variant(name: str, density: float = DENSITY):
+    """Model, tokenizer and sensitive mask (at ``density``) of one of :data:`MODELS`."""
     from sparsezo.models import load_model
     from sparsezo.quant import quantize_model
 
@@ -146,24 +148,24 @@ def load_variant(name: str):
     if name == "smollm2-logits3x":
         model.model.norm.weight.mul_(3)  # logits = head(norm(h)): ×3, up to bf16 rounding of the norm weights
     # the logit-scaled model has its own Fisher scores; the 4-bit one takes the full-precision model's mask
-    mask = sensitive_mask(model, tok, "smollm2" if name == "smollm2-nf4" else name)
+    mask = sensitive_mask(model, tok, "smollm2" if name == "smollm2-nf4" else name, density)
     if name == "smollm2-nf4":  # SensZOQ: the mask from the full-precision model, the rest 4-bit
         quantize_model(model, mask, quant="nf4")
     return model, tok, mask
 
 
-def sensitive_mask(model, tok, name: str):
-    """The 0.1% sensitive mask of a model, computed once (a minute) and cached with the cells."""
+def sensitive_mask(model, tok, name: str, density: float = DENSITY):
+    """The sensitive mask of a model, computed once (a minute) and cached with the cells."""
     from sparsezo.assets import default_calibration_file
     from sparsezo.masks import Mask, compute_mask
     from sparsezo.masks.sensitive import read_texts
 
     tag = "" if name == "smollm2" else f"{name}-"
-    path = CELLS / "masks" / f"{tag}sensitive-d{DENSITY:g}-c{CALIB_TOKENS}.safetensors"
+    path = CELLS / "masks" / f"{tag}sensitive-d{density:g}-c{CALIB_TOKENS}.safetensors"
     if path.is_file():
         return Mask.load(path)
     calib = default_calibration_file()
-    mask = compute_mask(model, "sensitive", DENSITY, tokenizer=tok, texts=read_texts(calib), source=str(calib),
+    mask = compute_mask(model, "sensitive", density, tokenizer=tok, texts=read_texts(calib), source=str(calib),
                         calib_tokens=CALIB_TOKENS)
     path.parent.mkdir(parents=True, exist_ok=True)
     mask.save(path)
@@ -227,8 +229,9 @@ def run_cell(cell: Cell, model, tok, mask) -> dict:
 
 
 def cells(args) -> list[Cell]:
-    return [Cell(o, t, s, lr, b, m, args.schedule, args.q) for m in args.models for b in args.budget for t in args.tasks
-            for s in args.seeds for o in args.optimizers for lr in (args.lrs or LRS[o])]
+    return [Cell(o, t, s, lr, b, m, args.schedule, args.q, d) for m in args.models for d in args.density
+            for b in args.budget for t in args.tasks for s in args.seeds for o in args.optimizers
+            for lr in (args.lrs or LRS[o])]
 
 
 def projected_seconds(cell: Cell, tokens: float) -> float:
@@ -253,7 +256,7 @@ def finished_cells() -> dict[Cell, dict]:
         if sp.get("task") not in TASKS or sp.get("optimizer") not in LRS or sp.get("model") not in MODELS:
             continue
         c = Cell(sp["optimizer"], sp["task"], sp.get("seed", -1), sp.get("lr", ""), sp.get("budget", 0),
-                 sp["model"], sp.get("schedule", ""), sp.get("q"))  # a missing field fails done() below
+                 sp["model"], sp.get("schedule", ""), sp.get("q"), sp.get("density", -1.0))  # a missing field fails done()
         if c.path == path and c.done():
             out[c] = r
     return out
@@ -276,9 +279,11 @@ def report(done: dict[Cell, dict]) -> str:
         by: dict[tuple[str, str], dict[int, dict]] = {}
         for c, r in done.items():
             if (c.model, c.task, c.budget) == (model, task, budget):
-                by.setdefault((c.optimizer, c.lr, c.schedule, c.q), {})[c.seed] = r
+                by.setdefault((c.optimizer, c.lr, c.schedule, c.q, c.density), {})[c.seed] = r
         seeds = sorted({s for rs in by.values() for s in rs})
-        sgd = {k: v for k, v in by.items() if k[0] == "sgd" and k[1] != "auto" and len(v) == len(seeds)}
+        # the target is the baseline's: ZO-SGD on the default-density mask
+        sgd = {k: v for k, v in by.items()
+               if k[0] == "sgd" and k[1] != "auto" and k[4] == DENSITY and len(v) == len(seeds)}
         zs = {s: r["test_zero_shot"] for rs in by.values() for s, r in rs.items()}
         lines += [f"## {model}: {task}, budget {budget} forwards", "",
                   f"zero-shot test accuracy {_mean(zs.values()):.4f} (mean over seeds {sorted(zs)}; "
@@ -295,10 +300,10 @@ def report(done: dict[Cell, dict]) -> str:
                 target = None
         else:
             lines += ["target: — (no ZO-SGD lr has every seed yet)", ""]
-        lines += ["| optimizer | lr | schedule | q | seeds | start dev | best dev | test gain (95% CI) | forwards to target "
+        lines += ["| optimizer | lr | schedule | q | density | seeds | start dev | best dev | test gain (95% CI) | forwards to target "
                   "(reached) | share of budget | fwd/step | s/step (threads) | state MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for (opt, lr, sched, q), rs in sorted(by.items()):
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (opt, lr, sched, q, density), rs in sorted(by.items()):
             rows = list(rs.values())
             ftt = [forwards_to(r["curve"], target) for r in rows] if target is not None else []
             reached = [f for f in ftt if not math.isinf(f)]
@@ -311,7 +316,7 @@ def report(done: dict[Cell, dict]) -> str:
             if gain["mean_diff"] - half > 0:
                 g = f"**{g}**"
             lr_text = lr if lr != "auto" else "auto (" + ", ".join(f"{r['lr_used']:g}" for r in rows) + ")"
-            lines.append(f"| {opt} | {lr_text} | {sched} | {q} | {len(rows)} | "
+            lines.append(f"| {opt} | {lr_text} | {sched} | {q} | {density:g} | {len(rows)} | "
                          f"{_mean(r['start_dev'] for r in rows):.4f} | {_mean(r['best_dev'] for r in rows):.4f} | "
                          f"{g} | {ftt_text} | {share} | {rows[0]['forwards_per_step']} | "
                          f"{_mean(r['sec_per_step'] for r in rows):.2f} ({rows[0]['threads']}) | "
@@ -329,6 +334,8 @@ def main() -> None:
     p.add_argument("--q", type=int, default=None, help="queries a step (default: 8 for fzoo, 1 for the others)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lrs", nargs="+", default=None, help="override every optimiser's lr grid (numbers or auto)")
+    p.add_argument("--density", type=float, nargs="+", default=[DENSITY],
+                   help="sensitive-mask densities (one grid each; the target is ZO-SGD's at the default)")
     p.add_argument("--budget", type=int, nargs="+", default=[2000], help="training forwards per cell (one grid each)")
     p.add_argument("--dry-run", action="store_true", help="print the projected cost and stop")
     p.add_argument("--report-only", action="store_true", help="rebuild results/convergence.md from every cell on disk")
@@ -349,9 +356,9 @@ def main() -> None:
           ")", flush=True)
     if args.dry_run:
         return
-    for name in dict.fromkeys(c.model for c in todo):
-        model, tok, mask = load_variant(name)
-        for c in (c for c in todo if c.model == name):
+    for name, density in dict.fromkeys((c.model, c.density) for c in todo):
+        model, tok, mask = load_variant(name, density)
+        for c in (c for c in todo if (c.model, c.density) == (name, density)):
             print(f"cell {c.model}/{c.path.name} ({steps_for(c)} steps) ...", flush=True)
             result = run_cell(c, model, tok, mask)
             c.path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ C = load_benchmark("convergence")
 def cells(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "CELLS", tmp_path)
 
-    def put(opt, seed, curve, test, lr="0.0001", task="sst2", budget=800, zero=0.5, **spec_changes):
-        cell = C.Cell(opt, task, seed, lr, budget)
+    def put(opt, seed, curve, test, lr="0.0001", task="sst2", budget=800, zero=0.5, density=C.DENSITY, **spec_changes):
+        cell = C.Cell(opt, task, seed, lr, budget, density=density)
         fps = 9 if opt == "fzoo" else 2
         pts = [{"step": f // fps, "forwards": f, "dev": d} for f, d in curve]
         res = {"spec": {**cell.spec(), **spec_changes}, "lr_used": 1e-4 if lr == "auto" else float(lr), "curve": pts, "test": test,
@@ -37,6 +37,19 @@ def test_target_and_forwards_to_it(cells):
     fz = next(line for line in text.splitlines() if line.startswith("| fzoo"))
     assert "| 180 (2/2) | 0.23 |" in fz  # 180 of SGD's 800-forward budget
     assert "**+0.2200 ± 0.0000**" in fz  # test gain over zero-shot, significant
+
+
+def test_a_sparser_mask_is_its_own_row_and_never_sets_the_target(cells):
+    for s in (0, 1):
+        cells("sgd", s, [(0, 0.5), (800, 0.7)], test=0.7)
+        sparse = cells("sgd", s, [(0, 0.5), (200, 0.75), (800, 0.8)], test=0.8, lr="0.001", density=1e-4)
+    assert sparse.path.name == "sgd-sst2-seed1-lr0.001-d0.0001-b800.json"
+    done = C.finished_cells()
+    assert len(done) == 4 and {c.density for c in done} == {C.DENSITY, 1e-4}
+    text = C.report(done)
+    assert "target: dev 0.7000" in text  # the default-density ZO-SGD's, although the sparse row beat it
+    row = next(line for line in text.splitlines() if line.startswith("| sgd | 0.001 "))
+    assert "| 0.0001 | 2 |" in row and "| 200 (2/2) | 0.25 |" in row
 
 
 def test_a_seed_that_never_reaches_the_target_makes_the_mean_unreached(cells):
