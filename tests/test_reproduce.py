@@ -3,6 +3,7 @@
 The grid itself runs the real model for hours; here its decisions are checked on made-up cells.
 """
 
+import dataclasses
 import json
 import math
 
@@ -63,8 +64,19 @@ def test_a_cell_with_other_settings_is_stale_and_a_stored_spec_compares_equal(tm
     p.parent.mkdir(parents=True)
     p.write_text(json.dumps({"spec": dict(cell.spec(), budget=1), "test_accuracy": 1.0}))
     assert store.get(cell) is None
-    _put(store, cell, test_accuracy=0.5)  # the spec holds the method's lr grid: a tuple, stored as a list
+    _put(store, cell, test_accuracy=0.5)
     assert store.get(cell)["test_accuracy"] == 0.5
+
+
+def test_a_new_grid_keeps_the_cells_it_shares(tmp_path, monkeypatch):
+    """The grid says which cells run, not what one computes: moving it must not make its cells stale."""
+    store = R.Store(tmp_path / "r")
+    lr = R.METHODS["full"].lrs[1]
+    _put(store, R.Cell("train", "full", "sst2", 0, lr), test_accuracy=0.5)
+    monkeypatch.setitem(R.METHODS, "full", dataclasses.replace(R.METHODS["full"], lrs=(lr / 10, lr)))
+    assert store.get(R.Cell("train", "full", "sst2", 0, lr))["test_accuracy"] == 0.5
+    monkeypatch.setitem(R.METHODS, "full", dataclasses.replace(R.METHODS["full"], calib_tokens=1))
+    assert store.get(R.Cell("train", "full", "sst2", 0, lr)) is None  # another setting is another cell
 
 
 @pytest.mark.parametrize("devs,rising", [([0.5, 0.5, 0.52, 0.5, 0.5, 0.51, 0.5], False),  # noise: flat
@@ -116,35 +128,39 @@ def test_report_gives_verdicts_flatness_and_flags_an_lr_on_the_edge(tmp_path):
     for lr in R.METHODS["full"].lrs[::2]:
         _put(store, R.Cell("train", "full", "sst2", 0, lr), **run(0.4, 0.0, lr))
     # best on the top edge, then on each new edge too: chosen, and flagged
-    for lr, acc in zip([*R.METHODS["sensitive"].lrs, 3e-4, 1e-3], (0.6, 0.7, 0.75, 0.8, 0.81)):
+    up1 = R.neighbour(R.METHODS["sensitive"].lrs[-1], up=True)
+    top = R.neighbour(up1, up=True)
+    for lr, acc in zip([*R.METHODS["sensitive"].lrs, up1, top], (0.6, 0.7, 0.75, 0.8, 0.81)):
         _put(store, R.Cell("train", "sensitive", "sst2", 0, lr), **run(acc, 0.3, lr))
     for s, acc in zip((1, 2), (0.78, 0.79)):
-        _put(store, R.Cell("train", "sensitive", "sst2", s, 1e-3), **run(acc, 0.3))
+        _put(store, R.Cell("train", "sensitive", "sst2", s, top), **run(acc, 0.3, top))
     r = R.report(store, tmp_path / "r", "cmd")
     claim = next(c for c in r["claims"] if (c["a"], c["b"]) == ("sensitive", "full"))
     assert claim["n"] == 3 and claim["verdict"] == "a better" and math.isclose(claim["mean_diff"], (0.81 + 0.78 + 0.79) / 3 - 0.5)
     assert r["status"]["sst2"]["sensitive"] == {"seeds": 3, "improved": 3, "rising": 3, "forwards": R.TASKS["sst2"].budget,
-                                                "lr": [1e-3] * 3}
+                                                "lr": [top] * 3}
     md = (tmp_path / "r.md").read_text()
-    assert "improved 0/3, rising 0/3" in md and "**0.001: 0.810** ⚠" in md
+    assert "improved 0/3, rising 0/3" in md and f"**{top:g}: 0.810** ⚠" in md
     assert "| SensZOQ: the sensitive 0.1% beats a random 0.1% | sensitive − random | 0 | - | - | cells missing |" in md
     assert (tmp_path / "r_sst2.png").is_file() and r["cells_done"] < r["cells_total"]
 
 
 def test_a_best_lr_on_the_edge_grows_the_search_on_that_side_at_most_twice(tmp_path):
     store = R.Store(tmp_path / "r")
-    grid = list(R.METHODS["full"].lrs)  # 1e-6, 3e-6, 1e-5
+    grid = list(R.METHODS["full"].lrs)
+    up1 = R.neighbour(grid[-1], up=True)
+    up2 = R.neighbour(up1, up=True)
     _search(store, "full", "sst2", [0.5, 0.5, 0.6])  # best on the top edge
-    assert store.search_lrs("full", "sst2") == [*grid, 3e-5] and store.lr("full", "sst2") is None
-    assert R.Cell("train", "full", "sst2", 0, 3e-5) in R.all_cells(store)
-    _put(store, R.Cell("train", "full", "sst2", 0, 3e-5), dev_auc=0.7, test_accuracy=0.7)  # the edge again
-    assert store.search_lrs("full", "sst2") == [*grid, 3e-5, 1e-4] and R.MAX_EXTEND == 2
+    assert store.search_lrs("full", "sst2") == [*grid, up1] and store.lr("full", "sst2") is None
+    assert R.Cell("train", "full", "sst2", 0, up1) in R.all_cells(store)
+    _put(store, R.Cell("train", "full", "sst2", 0, up1), dev_auc=0.7, test_accuracy=0.7)  # the edge again
+    assert store.search_lrs("full", "sst2") == [*grid, up1, up2] and R.MAX_EXTEND == 2
     before = R.expected_cells(store)
-    _put(store, R.Cell("train", "full", "sst2", 0, 1e-4), dev_auc=0.8, test_accuracy=0.8)
-    assert store.search_lrs("full", "sst2") == [*grid, 3e-5, 1e-4]  # at most MAX_EXTEND growths, even on the edge
-    assert store.lr("full", "sst2") == 1e-4 and R.expected_cells(store) == before
+    _put(store, R.Cell("train", "full", "sst2", 0, up2), dev_auc=0.8, test_accuracy=0.8)
+    assert store.search_lrs("full", "sst2") == [*grid, up1, up2]  # at most MAX_EXTEND growths, even on the edge
+    assert store.lr("full", "sst2") == up2 and R.expected_cells(store) == before
     _search(store, "random", "copa", [0.7, 0.5, 0.5])  # best on the low edge
-    assert store.search_lrs("random", "copa")[0] == 3e-5
+    assert store.search_lrs("random", "copa")[0] == R.neighbour(R.METHODS["random"].lrs[0], up=False)
     _search(store, "sensitive", "rte", [0.5, 0.6, 0.5])  # inside: settled, no growth
     assert store.search_lrs("sensitive", "rte") == list(R.METHODS["sensitive"].lrs)
     assert store.lr("sensitive", "rte") == R.METHODS["sensitive"].lrs[1]
