@@ -145,6 +145,11 @@ class Cell:
             # the grid decides which cells run, not what one computes: a new grid keeps the cells it shares
             method = {k: v for k, v in asdict(METHODS[self.method]).items() if k != "lrs"}
             s.update(method, budget=t.budget, batch=BATCH, eps=EPS, evals=EVALS)
+            if method["lr_auto"]:  # the probe's rule: a cell probed under another one is stale
+                from sparsezo.train import PROBE_BACKOFF, PROBE_G2_QUERIES
+                from sparsezo.zo.optim import REF_G2
+
+                s["probe"] = {"backoff": PROBE_BACKOFF, "g2_queries": PROBE_G2_QUERIES, "ref_g2": REF_G2}
         return json.loads(json.dumps(s))  # as stored: tuples become lists
 
 

@@ -268,3 +268,57 @@ def test_lr_auto_resumes_with_the_probed_lr_without_probing_again(tmp_path, monk
     resumed, res, cfg = run(tmp_path, resume=state)
     assert cfg.zo.lr == ref.lr_probe["lr"] and res.lr_probe == ref.lr_probe
     assert resumed.theta.numpy().tobytes() == full.theta.numpy().tobytes()
+
+
+def test_sgd_grid_is_centred_on_the_measured_g2_and_falls_back_to_the_size_rule():
+    from sparsezo.zo.optim import OPTIMIZERS, REF_G2, REF_NUMEL
+
+    sgd, mom = OPTIMIZERS["sgd"], OPTIMIZERS["momentum"]
+    assert sgd.lr_grid(10**8, REF_G2)[2] == pytest.approx(sgd.lr_ref)  # the size of θ no longer matters
+    assert sgd.lr_grid(7, REF_G2 / 300)[2] == pytest.approx(300 * sgd.lr_ref)  # a 300× weaker gradient: 300× the lr
+    assert mom.lr_grid(7, REF_G2 / 300)[2] == pytest.approx(300 * mom.lr_ref)
+    for unmeasured in (None, 0.0, float("nan")):  # no signal: the |θ| rule
+        assert sgd.lr_grid(10 * REF_NUMEL, unmeasured)[2] == pytest.approx(sgd.lr_ref / 10)
+    for name in ("adam", "sign", "hizoo", "fzoo"):  # their steps are normalised: g² does not centre them
+        assert not OPTIMIZERS[name].grid_from_g2 and OPTIMIZERS[name].lr_grid(7, 1e-9) == OPTIMIZERS[name].lr_grid(7)
+
+
+def test_projected_g2_is_the_mean_squared_slope_at_theta0_and_changes_nothing():
+    from sparsezo.scoring import encode, make_batch
+    from sparsezo.train import PROBE_G2_QUERIES, batch_indices, projected_g2
+    from sparsezo.scoring import batch_loss
+    from sparsezo.zo import step_seed
+
+    model, tok = tiny_model(dtype=torch.bfloat16), tiny_tokenizer()
+    params = TrainableParams(model, compute_mask(model, "random", 0.05, seed=1))
+    encoded = encode(tok, _examples(64, 1))
+    cfg = TrainConfig(steps=50, batch_size=8, zo=ZOConfig(eps=1e-2, seed=3))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    theta = params.theta.clone()
+    g2 = projected_g2(model, tok, params, encoded, cfg)
+    assert torch.equal(params.theta, theta) and all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    by_hand = []  # the same slopes, perturbing with the noise generator directly
+    for t in range(PROBE_G2_QUERIES):
+        batch = make_batch([encoded[i] for i in batch_indices(3, t, 64, 8)], tok.pad_token_id)
+        z = sample(step_seed(3, t), 0, params.numel, "gaussian")
+        losses = []
+        for sign in (1, -1):
+            params.write(theta + sign * 1e-2 * z)
+            losses.append(batch_loss(model, batch, cfg.loss))
+        params.restore()
+        by_hand.append(((losses[0] - losses[1]) / 2e-2) ** 2)
+    assert g2 > 0 and g2 == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-9)
+
+
+def test_lr_auto_without_a_grid_centres_it_on_g2_and_counts_its_forwards():
+    from sparsezo.train import PROBE_G2_QUERIES
+    from sparsezo.zo.optim import OPTIMIZERS
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    params = TrainableParams(model, compute_mask(model, "full"))
+    cfg = TrainConfig(steps=400, batch_size=16, eval_every=100, lr_auto=True, zo=ZOConfig(lr=1e-4, eps=1e-3))
+    res = fine_tune(model, tok, params, _examples(128, 1), _examples(64, 2), cfg, progress=False)
+    probe = res.lr_probe
+    assert probe["g2"] > 0 and tuple(probe["candidates"]) == OPTIMIZERS["sgd"].lr_grid(params.numel, probe["g2"])
+    ran = len(probe["candidates"]) * probe["steps_each"] * 2 + (len(probe["candidates"]) + 1) * 2  # 32 dev / 16
+    assert probe["forwards"] == 2 * PROBE_G2_QUERIES + ran <= probe["cap_forwards"]

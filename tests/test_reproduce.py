@@ -175,3 +175,12 @@ def test_auto_share_is_the_default_gain_over_the_searched_gain():
     assert R.auto_share(lambda m, t, s: cells.get((m, t, s)), "copa") == {"n": 0}
     cells.update({("sensitive", "copa", 0): 0.5, ("sensitive-auto", "copa", 0): 0.5, ("zero-shot", "copa", 0): 0.5})
     assert R.auto_share(lambda m, t, s: cells.get((m, t, s)), "copa")["share"] is None  # nothing to share
+
+
+def test_an_auto_cell_probed_under_another_rule_is_stale(tmp_path, monkeypatch):
+    store = R.Store(tmp_path / "r")
+    cell = R.Cell("train", "sensitive-auto", "sst2", 0)
+    _put(store, cell, test_accuracy=0.7)
+    assert store.get(cell)["test_accuracy"] == 0.7
+    monkeypatch.setattr("sparsezo.zo.optim.REF_G2", 1.0)  # the grid's centre moved: the old choice no longer holds
+    assert store.get(cell) is None

@@ -30,6 +30,7 @@ from .scoring import LOSSES, batch_loss, encode, make_batch
 from .tasks import Example, Task
 from .zo import OPTIMIZERS, StepRecord, TrainableParams, Trajectory, ZOConfig, ZOEngine
 from .zo.fused import FusedPM, PMLoss
+from .zo.noise import step_seed
 from .zo.optim import forwards_per_step
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ PROBE_DEV = 32  # dev examples the probe scores (the first ones: the same for ev
 # steps): on SmolLM2/SST-2 the probe's best, 1e-3, learned nothing in 400 steps (dev 0.55) where
 # 1e-4 reached 0.745 (benchmarks/convergence.py). Ten is the LR range test's usual back-off.
 PROBE_BACKOFF = 10.0
+PROBE_G2_QUERIES = 8  # ± queries at θ₀ whose mean g² centres the grid of rules with grid_from_g2 (sgd, momentum)
 
 
 FUSED_PM = ("auto", "on", "off")
@@ -138,6 +140,10 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
     """``--lr auto``: a few ZO steps from θ₀ per candidate lr; train with the one with the lowest
     dev loss divided by PROBE_BACKOFF (see there why).
 
+    The candidates of sgd and momentum are centred on E[g²] measured first at θ₀
+    (``projected_g2``, 2·PROBE_G2_QUERIES forwards): their best lr moves with it by decades
+    between masks and models, which no fixed or |θ|-scaled grid of five points covers.
+
     Why the dev *loss* (cfg.loss over the first PROBE_DEV dev examples) and not accuracy: a few
     dozen steps move accuracy by less than its noise, the loss moves measurably. Every candidate
     runs the run's own first steps (same batches, same noise seeds: common random numbers, so
@@ -146,19 +152,27 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
     over a training batch (ZO forwards + dev examples / batch size), is capped at PROBE_SHARE
     of the run's ZO forwards; the steps per candidate are what fits, at most PROBE_MAX_STEPS.
     """
-    grid = list(cfg.lr_grid or OPTIMIZERS[cfg.zo.optimizer].lr_grid(params.numel))
+    opt = OPTIMIZERS[cfg.zo.optimizer]
+    g2_forwards = 2 * PROBE_G2_QUERIES if cfg.lr_grid is None and opt.grid_from_g2 else 0
+    n_grid = len(cfg.lr_grid or opt.lr_grid(params.numel))  # its length does not depend on g²
     fps = forwards_per_step(cfg.zo.optimizer, cfg.zo.q)
     run_forwards = cfg.steps * fps
     cap = int(PROBE_SHARE * run_forwards)
     sub = dev[:PROBE_DEV]
     chunks = [sub[i : i + cfg.batch_size] for i in range(0, len(sub), cfg.batch_size)]
     eval_cost = len(chunks)  # forwards of one dev-loss measurement
-    steps_each = min(PROBE_MAX_STEPS, (cap - eval_cost * (len(grid) + 1)) // (len(grid) * fps))
+    steps_each = min(PROBE_MAX_STEPS, (cap - g2_forwards - eval_cost * (n_grid + 1)) // (n_grid * fps))
     if steps_each < 2:
-        need = math.ceil((eval_cost * (len(grid) + 1) + 2 * len(grid) * fps) / (PROBE_SHARE * fps))
-        raise SparseZOError(f"--lr auto needs at least {need} --steps to probe {len(grid)} lrs within "
+        need = math.ceil((g2_forwards + eval_cost * (n_grid + 1) + 2 * n_grid * fps) / (PROBE_SHARE * fps))
+        raise SparseZOError(f"--lr auto needs at least {need} --steps to probe {n_grid} lrs within "
                             f"{PROBE_SHARE:.0%} of the run's forwards ({cfg.steps} given); pass a --lr instead")
     device = params.theta.device
+    g2 = projected_g2(model, tokenizer, params, encoded, cfg, fused) if g2_forwards else None
+    if g2 is not None and not g2 > 0:
+        _log.warning("warning: --lr auto: the loss did not change along any of %d perturbations at θ₀ (mean g² = "
+                     "%s): the trainable weights barely affect it; centring the grid on |θ| instead (raise --eps "
+                     "or use another mask)", PROBE_G2_QUERIES, g2)
+    grid = list(cfg.lr_grid or opt.lr_grid(params.numel, g2))
     batches = [(make_batch(encode(tokenizer, c), tokenizer.pad_token_id, device=device), len(c)) for c in chunks]
 
     def dev_loss() -> float | None:
@@ -194,15 +208,35 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
     if start is not None and best_loss >= start:
         _log.warning("warning: --lr auto: no candidate lr lowered the dev loss in %d steps (%.4f at the start); "
                      "using the one that raised it least, %g", steps_each, start, grid[best])
-    forwards = len(grid) * steps_each * fps + (len(grid) + 1) * eval_cost
+    forwards = g2_forwards + len(grid) * steps_each * fps + (len(grid) + 1) * eval_cost
     chosen = float(f"{grid[best] / PROBE_BACKOFF:.3g}")
-    report = {"lr": chosen, "probe_best_lr": grid[best], "backoff": PROBE_BACKOFF, "candidates": grid,
+    report = {"lr": chosen, "probe_best_lr": grid[best], "backoff": PROBE_BACKOFF, "candidates": grid, "g2": g2,
               "dev_loss": losses, "start_dev_loss": start, "steps_each": steps_each, "dev_examples": len(sub),
               "forwards": forwards, "cap_forwards": cap, "run_forwards": run_forwards}
     _log.info("--lr auto: lr %g = %g (lowest dev loss %.4f, start %s, of %s) / %g; %d forwards = %.1f%% of the "
               "run's %d", chosen, grid[best], best_loss, start, grid, PROBE_BACKOFF, forwards,
               100 * forwards / run_forwards, run_forwards)
     return report
+
+
+def projected_g2(model, tokenizer, params: TrainableParams, encoded: list, cfg: TrainConfig,
+                 fused: FusedPM | None = None) -> float:
+    """E[g²]: the mean squared projected gradient ((L+ − L−)/2ε)² at θ₀ over PROBE_G2_QUERIES
+    queries, on the run's own first batches and noise seeds (2 forwards each; θ is not changed).
+
+    It is what the ZO step sees of the gradient on the trained set, whatever the model family,
+    mask, loss scale or dtype, so the lr grid can be centred on it (``SGD.lr_grid``).
+    """
+    engine = ZOEngine(params, cfg.zo, cfg.steps, fused=fused)
+    total = 0.0
+    for t in range(PROBE_G2_QUERIES):
+        idx = batch_indices(cfg.zo.seed, t, len(encoded), cfg.batch_size)
+        batch = make_batch([encoded[i] for i in idx], tokenizer.pad_token_id, device=params.theta.device)
+        g = engine.projected_gradient(step_seed(cfg.zo.seed, t), PMLoss(model, batch, cfg.loss))
+        if not math.isfinite(g):
+            raise SparseZOError(f"--lr auto: the loss is not finite at θ₀ ±ε·z (g = {g}); lower --eps")
+        total += g * g
+    return total / PROBE_G2_QUERIES
 
 
 class DriftWatch:

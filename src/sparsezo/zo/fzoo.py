@@ -40,6 +40,7 @@ class FZOO(SGD):
     # sensitive 0.1%, SST-2, 800 forwards, lr 1e-3 / 3e-3 / 1e-2 gave best dev 0.645 / 0.685 / 0.68
     # (benchmarks/convergence.py); scaled by 1/|θ| as ZO-SGD's (the noise grows with the dimension)
     lr_ref = 3e-3
+    grid_from_g2 = False  # each slope is divided by the slopes' spread: not measured against E[g²]
 
     @staticmethod
     def normalise(grads: list[float]) -> list[float]:

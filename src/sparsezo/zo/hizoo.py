@@ -44,8 +44,10 @@ class HiZOO(SGD):
         super().__init__(numel, device, weight_decay)
         self.beta2 = beta2
 
+    grid_from_g2 = False  # its lr is a fraction of a line-search step already
+
     @classmethod
-    def lr_grid(cls, numel: int) -> tuple[float, ...]:
+    def lr_grid(cls, numel: int, g2: float | None = None) -> tuple[float, ...]:
         return cls.lr_default_grid
 
     def update_(self, theta: torch.Tensor, grad: torch.Tensor, s: int, e: int, lr: float, t: int,

@@ -166,6 +166,13 @@ class ZOEngine:
         lm = loss_fn()
         return lp, lm
 
+    def projected_gradient(self, seed: int, loss_fn: Callable[[], float]) -> float:
+        """g = (L(θ+εz) − L(θ−εz)) / 2ε at the current θ, the weights left as they were (nothing updated)."""
+        lp, lm = self.perturbed_losses(seed, loss_fn)
+        self._forget()
+        self.params.restore()
+        return (lp - lm) / (2 * self.cfg.eps)
+
     def direction(self, seed: int, s: int, e: int) -> torch.Tensor:
         """The update direction of θ[s:e] for ``seed`` (see the module docstring)."""
         if (d := self._d.get((seed, s))) is not None:
