@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsezo.io import atomic_path, write_json, write_text
+from sparsezo.io import atomic_path, read_json, write_json, write_text
 from stats import paired
 
 # ----------------------------------------------------------------------------- the grid
@@ -480,14 +480,18 @@ def report(store: Store, out: Path, command: str) -> dict:
                   for m, rs in by_m.items()} for t, by_m in runs.items()}
     search = {t: {m: {f"{lr:g}": g["dev_auc"] if (g := store.get(Cell("train", m, t, SEARCH_SEED, lr))) else None
                       for lr in store.search_lrs(m, t)} for m, mm in METHODS.items() if mm.lrs} for t in TASKS}
-    done = [got for c in all_cells(store) if (got := store.get(c)) is not None]
+    got = {store.path(c): g for c in all_cells(store) if (g := store.get(c)) is not None}
+    done = list(got.values())
+    # cells a moved grid or a changed rule left behind (benchmarks/README.md): their cost is part of the actual cost
+    unused = [read_json(p, "cell") for p in sorted(store.root.glob("*/*.json")) if p not in got]
     auto = {t: auto_share(acc, t) for t in TASKS}
     result = {"command": command, "model": "SmolLM2-135M-Instruct (embedded), bfloat16", "seeds": list(SEEDS),
               "batch": BATCH, "eps": EPS, "evals": EVALS, "max_prompt_tokens": MAX_PROMPT_TOKENS,
               "icl_shots": ICL_SHOTS, "tasks": {t: asdict(s) for t, s in TASKS.items()},
               "methods": {m: asdict(v) for m, v in METHODS.items()}, "lr_search": search, "status": status, "auto_share": auto,
               "test_accuracy": table, "claims": _claims(acc), "cells_done": len(done),
-              "cells_total": expected_cells(store), "cell_seconds": round(sum(g["seconds"] for g in done))}
+              "cells_total": expected_cells(store), "cell_seconds": round(sum(g["seconds"] for g in done)),
+              "unused_cells": len(unused), "unused_seconds": round(sum(g.get("seconds", 0.0) for g in unused))}
     write_json(f"{out}.json", result)
     _plots(out, runs, table)
     write_text(f"{out}.md", _markdown(result, grid_methods, Path(out).name))
@@ -531,7 +535,8 @@ def _markdown(r: dict, methods: list[str], name: str) -> str:
         "",
         f"Regenerate (or finish): `{r['command']}` — cells done: {r['cells_done']}/{r['cells_total']}, "
         f"{r['cell_seconds']} s of single-thread cell time (≈ {r['cell_seconds'] / 2 / 3600:.1f} h of wall time "
-        "with 2 workers on the 2-core CPU).",
+        f"with 2 workers on the 2-core CPU), plus {r['unused_seconds']} s in {r['unused_cells']} cells outside the "
+        f"current lr grids or stale (≈ {r['unused_seconds'] / 2 / 3600:.1f} h; benchmarks/README.md says why).",
         "",
         f"Model {r['model']}. Batch {r['batch']}, ε {r['eps']}, constant lr; prompts cut to their last "
         f"{r['max_prompt_tokens']} tokens. Every method gets the task's budget of training forwards; dev accuracy "

@@ -134,7 +134,10 @@ def test_report_gives_verdicts_flatness_and_flags_an_lr_on_the_edge(tmp_path):
         _put(store, R.Cell("train", "sensitive", "sst2", 0, lr), **run(acc, 0.3, lr))
     for s, acc in zip((1, 2), (0.78, 0.79)):
         _put(store, R.Cell("train", "sensitive", "sst2", s, top), **run(acc, 0.3, top))
+    left = R.Cell("train", "random", "sst2", 0, 1e-9)  # no grid reaches it: a cell a moved grid left behind
+    _put(store, left, test_accuracy=0.5, seconds=7.0)
     r = R.report(store, tmp_path / "r", "cmd")
+    assert r["unused_cells"] == 1 and r["unused_seconds"] == 7
     claim = next(c for c in r["claims"] if (c["a"], c["b"]) == ("sensitive", "full"))
     assert claim["n"] == 3 and claim["verdict"] == "a better" and math.isclose(claim["mean_diff"], (0.81 + 0.78 + 0.79) / 3 - 0.5)
     assert r["status"]["sst2"]["sensitive"] == {"seeds": 3, "improved": 3, "rising": 3, "forwards": R.TASKS["sst2"].budget,
