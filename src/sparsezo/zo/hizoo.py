@@ -39,12 +39,11 @@ class HiZOO(SGD):
     needs_center = True  # the engine measures L(θ) each step ...
     uses_curvature = True  # ... and passes the curvature to update_
     lr_default_grid = (0.01, 0.03, 0.1, 0.3, 1.0)  # fractions of the line-search step; independent of |θ|
+    grid_from_g2 = False  # ... and of E[g²]: the curvature already sets the step's scale
 
     def __init__(self, numel: int, device, weight_decay: float = 0.0, beta2: float = 0.999, **_: float):
         super().__init__(numel, device, weight_decay)
         self.beta2 = beta2
-
-    grid_from_g2 = False  # its lr is a fraction of a line-search step already
 
     @classmethod
     def lr_grid(cls, numel: int, g2: float | None = None) -> tuple[float, ...]:

@@ -92,8 +92,7 @@ class Adam(SGD):
 
     state_names = ("exp_avg", "exp_avg_sq")
     fixed_grid = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4)  # per-entry steps of ~lr whatever |θ|: no dimension scaling
-
-    grid_from_g2 = False  # a per-entry step of ~lr whatever the gradient's scale
+    grid_from_g2 = False  # ... and whatever the gradient's scale
 
     @classmethod
     def lr_grid(cls, numel: int, g2: float | None = None) -> tuple[float, ...]:
