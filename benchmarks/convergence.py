@@ -97,13 +97,11 @@ class Cell:
         return CELLS / self.model / name
 
     def spec(self) -> dict:
-        from sparsezo.train import PROBE_BACKOFF, PROBE_G2_QUERIES
-        from sparsezo.zo.optim import REF_G2
+        from sparsezo.train import probe_rule
 
         t = TASKS[self.task]
         # an auto cell's lr depends on the probe's rule: a cell probed under another one is stale
-        probe = ({"probe_backoff": PROBE_BACKOFF, "probe_g2_queries": PROBE_G2_QUERIES, "probe_ref_g2": REF_G2}
-                 if self.lr == "auto" else {})
+        probe = {f"probe_{k}": v for k, v in probe_rule().items()} if self.lr == "auto" else {}
         return {**probe, "model": self.model, "optimizer": self.optimizer, "task": self.task, "seed": self.seed, "lr": self.lr,
                 "budget": self.budget, "q": self.q, "schedule": self.schedule, "batch": BATCH, "eps": EPS,
                 "density": self.density, "calib_tokens": CALIB_TOKENS, "evals": EVALS, "num_train": t.num_train,

@@ -82,11 +82,11 @@ class Method:
     density: float = DENSITY
 
 
-# Grids: ZO-SGD's best lr tracks 1 / E[g²], the mean squared projected gradient on the mask (lr·E[g²] ≈ 0.03-0.05
-# for the Fisher mask at 1e-4, full ZO at 1e-4 and a random 0.1% mask at 3e-2 on SST-2; g² measured at θ₀:
-# 308, 515 and 1.7; the magnitude masks 2.5). The first grids (full 1e-6…1e-5, magnitude and random 1e-4…1e-3)
-# were centred on issue 8's search and sat 1-2 decades too low for full, magnitude and random; their
-# SST-2 cells outside these grids stay on disk, listed in benchmarks/README.md.
+# Grids: ZO-SGD's best lr tracks 1 / E[g²], the mean squared projected gradient on the mask (sparsezo's
+# SGD.lr_grid; on SST-2 at θ₀ E[g²] ≈ 190 for the Fisher mask, ≈ 500 for all weights, 0.4-2 for the random and
+# magnitude masks). The first grids (full 1e-6…1e-5, magnitude and random 1e-4…1e-3) were centred on issue 8's
+# search and sat 1-3 decades too low for full, magnitude and random; their SST-2 cells outside these grids
+# stay on disk, listed in benchmarks/README.md.
 METHODS = {
     "full": Method("full", (3e-5, 1e-4, 3e-4), density=1.0),
     "sensitive": Method("sensitive", (3e-5, 1e-4, 3e-4)),
@@ -146,10 +146,9 @@ class Cell:
             method = {k: v for k, v in asdict(METHODS[self.method]).items() if k != "lrs"}
             s.update(method, budget=t.budget, batch=BATCH, eps=EPS, evals=EVALS)
             if method["lr_auto"]:  # the probe's rule: a cell probed under another one is stale
-                from sparsezo.train import PROBE_BACKOFF, PROBE_G2_QUERIES
-                from sparsezo.zo.optim import REF_G2
+                from sparsezo.train import probe_rule
 
-                s["probe"] = {"backoff": PROBE_BACKOFF, "g2_queries": PROBE_G2_QUERIES, "ref_g2": REF_G2}
+                s["probe"] = probe_rule()
         return json.loads(json.dumps(s))  # as stored: tuples become lists
 
 

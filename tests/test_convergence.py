@@ -284,9 +284,8 @@ def test_sgd_grid_is_centred_on_the_measured_g2_and_falls_back_to_the_size_rule(
 
 
 def test_projected_g2_is_the_mean_squared_slope_at_theta0_and_changes_nothing():
-    from sparsezo.scoring import encode, make_batch
+    from sparsezo.scoring import batch_loss, encode, make_batch
     from sparsezo.train import PROBE_G2_QUERIES, batch_indices, projected_g2
-    from sparsezo.scoring import batch_loss
     from sparsezo.zo import step_seed
 
     model, tok = tiny_model(dtype=torch.bfloat16), tiny_tokenizer()

@@ -31,6 +31,7 @@ from .tasks import Example, Task
 from .zo import OPTIMIZERS, StepRecord, TrainableParams, Trajectory, ZOConfig, ZOEngine
 from .zo.fused import FusedPM, PMLoss
 from .zo.noise import step_seed
+from .zo import optim
 from .zo.optim import forwards_per_step
 
 if TYPE_CHECKING:
@@ -48,6 +49,11 @@ PROBE_DEV = 32  # dev examples the probe scores (the first ones: the same for ev
 # 1e-4 reached 0.745 (benchmarks/convergence.py). Ten is the LR range test's usual back-off.
 PROBE_BACKOFF = 10.0
 PROBE_G2_QUERIES = 8  # ± queries at θ₀ whose mean g² centres the grid of rules with grid_from_g2 (sgd, momentum)
+
+
+def probe_rule() -> dict[str, float]:
+    """The constants ``--lr auto``'s choice depends on: a result probed under other ones is stale."""
+    return {"backoff": PROBE_BACKOFF, "g2_queries": PROBE_G2_QUERIES, "ref_g2": optim.REF_G2}
 
 
 FUSED_PM = ("auto", "on", "off")
