@@ -15,7 +15,8 @@ Protocol (every number below is a constant of this file and part of each cell's 
   grid adds its neighbour on that side, at most twice (the same rule for every method); a choice
   still on the edge is flagged in the report.
   ``lr_from`` methods (same mask, other base or calibration) reuse another method's lr;
-  ``sensitive-auto`` runs ``--lr auto`` (the default recipe's probe; its forwards are reported).
+  ``sensitive-auto`` and ``sensitive-nf4-auto`` run ``--lr auto`` (the default recipe's probe; its
+  forwards are reported) over the bf16 and the NF4 base.
 - prompts are cut to their last ``MAX_PROMPT_TOKENS`` tokens (the question and the answer cue end
   every template); this truncates RTE and BoolQ passages.
 - every cell is a JSON file under OUT_cells/, written (atomically) the moment it is done, so the
@@ -93,6 +94,7 @@ METHODS = {
     "sensitive-262k": Method("sensitive", calib_tokens=262144, lr_from="sensitive"),
     "sensitive-nf4": Method("sensitive", quant="nf4", lr_from="sensitive"),
     "sensitive-auto": Method("sensitive", lr_auto=True),
+    "sensitive-nf4-auto": Method("sensitive", quant="nf4", lr_auto=True),
     "magnitude-small": Method("magnitude-small", (3e-3, 1e-2, 3e-2)),
     "magnitude-large": Method("magnitude-large", (3e-3, 1e-2, 3e-2)),
     "random": Method("random", (3e-3, 1e-2, 3e-2)),
@@ -152,6 +154,19 @@ class Cell:
         return json.loads(json.dumps(s))  # as stored: tuples become lists
 
 
+def _alive(pid: str) -> bool:
+    """Whether ``pid`` (as a lock file holds it) names a running process."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
 class Store:
     """Cell results as JSON files; lock files say which worker is computing what."""
 
@@ -170,20 +185,27 @@ class Store:
         return obj if obj.get("spec") == cell.spec() else None
 
     def claim(self, path: Path) -> bool:
+        """Take ``path``'s lock (it holds the worker's pid); False when another worker holds it."""
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.close(os.open(f"{path}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return True
+            fd = os.open(f"{path}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
 
     def release(self, path: Path) -> None:
         Path(f"{path}.lock").unlink(missing_ok=True)
 
     def clear_locks(self) -> None:
+        """Remove the locks of workers that are gone (killed runs), so a second ``--workers`` run
+        started beside a live one neither redoes its cells nor steals them. A lock without a
+        readable pid (written before locks held one) counts as gone."""
         for d in (self.root, self.cache):
             for p in d.rglob("*.lock") if d.exists() else []:
-                p.unlink()
+                if not _alive(p.read_text().strip()):
+                    p.unlink(missing_ok=True)
 
     def search_lrs(self, method: str, task: str) -> list[float]:
         """The lrs a method's search on a task runs: its grid, grown by one neighbour while the best
@@ -426,7 +448,8 @@ CLAIMS = [("sensitive", "full", "SensZOQ: the sensitive 0.1% matches or beats fu
           ("magnitude-small", "magnitude-large", "Sparse MeZO: small-magnitude beat large-magnitude weights"),
           ("full", "zero-shot", "MeZO: full ZO improves on zero-shot"),
           ("sensitive", "zero-shot", "sparse ZO (sensitive 0.1%) improves on zero-shot"),
-          ("sensitive-auto", "sensitive", "--lr auto (no search) matches the searched lr")]
+          ("sensitive-auto", "sensitive", "--lr auto (no search) matches the searched lr"),
+          ("sensitive-nf4-auto", "sensitive-nf4", "--lr auto matches the searched lr on a 4-bit base")]
 
 
 def _claims(acc) -> list[dict]:
@@ -448,6 +471,11 @@ def still_rising(cell: dict, n_dev: int) -> bool:
     half = len(devs) // 2 + 1
     early, late = max(devs[:half]), max(devs[half:], default=-1.0)
     return late > early + math.sqrt(max(early * (1 - early), 1e-4) / n_dev)
+
+
+# the methods whose ``-auto`` twin is checked against them: bf16 and the 4-bit base (issue 19 asks for both
+# dtypes; sensitive-nf4 runs at the lr searched on bf16, which is the grid's best lr a 4-bit user would get)
+AUTO_BASES = ("sensitive", "sensitive-nf4")
 
 
 def auto_share(acc, task: str, method: str = "sensitive") -> dict:
@@ -483,7 +511,7 @@ def report(store: Store, out: Path, command: str) -> dict:
     done = list(got.values())
     # cells a moved grid or a changed rule left behind (benchmarks/README.md): their cost is part of the actual cost
     unused = [read_json(p, "cell") for p in sorted(store.root.glob("*/*.json")) if p not in got]
-    auto = {t: auto_share(acc, t) for t in TASKS}
+    auto = {t: {base: auto_share(acc, t, base) for base in AUTO_BASES} for t in TASKS}
     result = {"command": command, "model": "SmolLM2-135M-Instruct (embedded), bfloat16", "seeds": list(SEEDS),
               "batch": BATCH, "eps": EPS, "evals": EVALS, "max_prompt_tokens": MAX_PROMPT_TOKENS,
               "icl_shots": ICL_SHOTS, "tasks": {t: asdict(s) for t, s in TASKS.items()},
@@ -543,7 +571,8 @@ def _markdown(r: dict, methods: list[str], name: str) -> str:
         "`sensitive` = Fisher on 32,768 WikiText-2 tokens (the default), `sensitive-262k` on 262,144 (most of "
         "WikiText-2's test split: the largest calibration set on this machine), same lr; `sensitive-nf4` = the "
         "sensitive mask over a 4-bit NF4 base, same lr; `sensitive-auto` = ZO-SGD with `--lr auto` "
-        "(the recommended default: no search; its probe's forwards come on top of the budget). Test = each task's official evaluation set "
+        "(the recommended default: no search; its probe's forwards come on top of the budget), `sensitive-nf4-auto` "
+        "the same over the NF4 base. Test = each task's official evaluation set "
         "(SST-2: GLUE dev), a seeded sample of up to 300; the same examples for every method of a seed. "
         "lr per method and task: searched on seed 0 over the method's own 3-point grid, by mean dev accuracy.",
         "",
@@ -572,11 +601,12 @@ def _markdown(r: dict, methods: list[str], name: str) -> str:
     lines += ["", "## `--lr auto` against the searched lr (issue 19: the default's gain ≥ 80% of the best lr's)", "",
               "Test gain over zero-shot, mean over the seeds where both cells exist; share = auto / searched "
               "(only where the searched lr gained).", "",
-              "| task | seeds | gain, --lr auto | gain, searched lr | share |", "|---|---|---|---|---|"]
-    for t, a in r["auto_share"].items():
-        lines.append(f"| {t} | - | - | - | - |" if not a["n"] else
-                     f"| {t} | {a['n']} | {a['gain_auto']:+.3f} | {a['gain_searched']:+.3f} | "
-                     + ("-" if a["share"] is None else f"{a['share']:.2f}") + " |")
+              "| task | base | seeds | gain, --lr auto | gain, searched lr | share |", "|---|---|---|---|---|---|"]
+    for t, by_base in r["auto_share"].items():
+        for base, a in by_base.items():
+            lines.append(f"| {t} | {base} | - | - | - | - |" if not a["n"] else
+                         f"| {t} | {base} | {a['n']} | {a['gain_auto']:+.3f} | {a['gain_searched']:+.3f} | "
+                         + ("-" if a["share"] is None else f"{a['share']:.2f}") + " |")
     lines += ["", "## Did each method move, and had it flattened?", "",
               "Per task: seeds whose best dev beat the step-0 dev by > 2 standard errors (`improved`) / seeds whose "
               "dev curve was still rising in the second half of the budget (best of the last half > best of the "
@@ -635,7 +665,7 @@ def main() -> None:
         shlex.quote(a) for a in sys.argv[1:] if a not in ("--report-only", "--plan"))
     failed = 0
     if not args.report_only:
-        store.clear_locks()  # left by a killed run; no worker of ours is alive yet
+        store.clear_locks()  # left by a killed run (a live run's locks stay)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--out", str(out)], env=env)
                  for _ in range(args.workers)]

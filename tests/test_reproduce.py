@@ -6,6 +6,10 @@ The grid itself runs the real model for hours; here its decisions are checked on
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -178,6 +182,16 @@ def test_auto_share_is_the_default_gain_over_the_searched_gain():
     assert R.auto_share(lambda m, t, s: cells.get((m, t, s)), "copa") == {"n": 0}
     cells.update({("sensitive", "copa", 0): 0.5, ("sensitive-auto", "copa", 0): 0.5, ("zero-shot", "copa", 0): 0.5})
     assert R.auto_share(lambda m, t, s: cells.get((m, t, s)), "copa")["share"] is None  # nothing to share
+    cells.update({("sensitive-nf4", "sst2", 0): 0.6, ("sensitive-nf4-auto", "sst2", 0): 0.58})
+    got = R.auto_share(lambda m, t, s: cells.get((m, t, s)), "sst2", "sensitive-nf4")  # the 4-bit twin pairs
+    assert got["n"] == 1 and math.isclose(got["share"], 0.8)
+
+
+def test_each_auto_twin_differs_from_its_base_only_in_the_lr_rule():
+    for base in R.AUTO_BASES:
+        twin, b = R.METHODS[f"{base}-auto"], R.METHODS[base]
+        assert twin.lr_auto and not b.lr_auto
+        assert (twin.rule, twin.quant, twin.calib_tokens, twin.density) == (b.rule, b.quant, b.calib_tokens, b.density)
 
 
 def test_an_auto_cell_probed_under_another_rule_is_stale(tmp_path, monkeypatch):
@@ -187,3 +201,17 @@ def test_an_auto_cell_probed_under_another_rule_is_stale(tmp_path, monkeypatch):
     assert store.get(cell)["test_accuracy"] == 0.7
     monkeypatch.setattr("sparsezo.zo.optim.REF_G2", 1.0)  # the grid's centre moved: the old choice no longer holds
     assert store.get(cell) is None
+
+
+def test_clear_locks_keeps_a_live_workers_locks_and_drops_dead_ones(tmp_path):
+    store = R.Store(tmp_path / "r")
+    live, dead, old = (store.root / "train" / f"{n}.json" for n in ("live", "dead", "old"))
+    assert store.claim(live) and not store.claim(live)  # one owner at a time
+    assert Path(f"{live}.lock").read_text() == str(os.getpid())
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    Path(f"{dead}.lock").write_text(proc.stdout.strip())  # a worker that has exited
+    Path(f"{old}.lock").write_text("")  # a lock from before locks held a pid
+    store.clear_locks()
+    assert Path(f"{live}.lock").exists() and not Path(f"{dead}.lock").exists() and not Path(f"{old}.lock").exists()
+    store.release(live)
+    assert store.claim(live)
