@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsezo.io import atomic_path, read_json, write_json, write_text
+from sparsezo.io import RunLock, atomic_path, read_json, write_json, write_text
 from stats import paired
 
 # ----------------------------------------------------------------------------- the grid
@@ -154,25 +154,13 @@ class Cell:
         return json.loads(json.dumps(s))  # as stored: tuples become lists
 
 
-def _alive(pid: str) -> bool:
-    """Whether ``pid`` (as a lock file holds it) names a running process."""
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
-
-
 class Store:
     """Cell results as JSON files; lock files say which worker is computing what."""
 
     def __init__(self, out: Path):
         self.root = Path(f"{out}_cells")
         self.cache = Path("runs/reproduce")  # masks: big, recomputable, never committed
+        self._locks: dict[Path, RunLock] = {}
 
     def path(self, cell: Cell) -> Path:
         return self.root / cell.kind / f"{cell.name}.json"
@@ -185,27 +173,18 @@ class Store:
         return obj if obj.get("spec") == cell.spec() else None
 
     def claim(self, path: Path) -> bool:
-        """Take ``path``'s lock (it holds the worker's pid); False when another worker holds it."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(f"{path}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+        """Take ``path``'s lock; False while another worker holds it. The lock is sparsezo's run lock
+        (flock on ``.NAME.lock``): the kernel drops it when its worker exits however it exits, so a
+        killed run leaves nothing to clear and a second launcher beside a live one takes none of its cells."""
+        lock = RunLock(path)
+        if not lock.try_acquire():
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+        self._locks[path] = lock
         return True
 
     def release(self, path: Path) -> None:
-        Path(f"{path}.lock").unlink(missing_ok=True)
-
-    def clear_locks(self) -> None:
-        """Remove the locks of workers that are gone (killed runs), so a second ``--workers`` run
-        started beside a live one neither redoes its cells nor steals them. A lock without a
-        readable pid (written before locks held one) counts as gone."""
-        for d in (self.root, self.cache):
-            for p in d.rglob("*.lock") if d.exists() else []:
-                if not _alive(p.read_text().strip()):
-                    p.unlink(missing_ok=True)
+        if (lock := self._locks.pop(path, None)) is not None:
+            lock.release()
 
     def search_lrs(self, method: str, task: str) -> list[float]:
         """The lrs a method's search on a task runs: its grid, grown by one neighbour while the best
@@ -665,7 +644,6 @@ def main() -> None:
         shlex.quote(a) for a in sys.argv[1:] if a not in ("--report-only", "--plan"))
     failed = 0
     if not args.report_only:
-        store.clear_locks()  # left by a killed run (a live run's locks stay)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--out", str(out)], env=env)
                  for _ in range(args.workers)]

@@ -9,9 +9,10 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from sparsezo.io import RunLock
 
 from helpers import load_benchmark
 
@@ -203,15 +204,19 @@ def test_an_auto_cell_probed_under_another_rule_is_stale(tmp_path, monkeypatch):
     assert store.get(cell) is None
 
 
-def test_clear_locks_keeps_a_live_workers_locks_and_drops_dead_ones(tmp_path):
+def test_a_cell_lock_is_held_while_its_worker_lives_and_free_once_it_is_gone(tmp_path):
     store = R.Store(tmp_path / "r")
-    live, dead, old = (store.root / "train" / f"{n}.json" for n in ("live", "dead", "old"))
+    live, dead = (store.root / "train" / f"{n}.json" for n in ("live", "dead"))
     assert store.claim(live) and not store.claim(live)  # one owner at a time
-    assert Path(f"{live}.lock").read_text() == str(os.getpid())
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    Path(f"{dead}.lock").write_text(proc.stdout.strip())  # a worker that has exited
-    Path(f"{old}.lock").write_text("")  # a lock from before locks held a pid
-    store.clear_locks()
-    assert Path(f"{live}.lock").exists() and not Path(f"{dead}.lock").exists() and not Path(f"{old}.lock").exists()
+    assert f"pid {os.getpid()}" in RunLock(live).holder()  # the lock says who holds it
+    # a worker killed while holding a cell: nothing to clear, the next worker may take the cell
+    holder = ("import os, sys; from sparsezo.io import RunLock; RunLock(sys.argv[1]).acquire(); "
+              "print('held', flush=True); os.kill(os.getpid(), 9)")
+    proc = subprocess.run([sys.executable, "-c", holder, str(dead)], capture_output=True, text=True)
+    assert proc.stdout.strip() == "held" and proc.returncode == -9
+    assert store.claim(dead)
     store.release(live)
     assert store.claim(live)
+    store.release(live)
+    store.release(dead)
+    assert not list(store.root.rglob("*.lock"))  # released locks leave no files behind

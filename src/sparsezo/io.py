@@ -344,6 +344,14 @@ class RunLock:
             return "another process"
 
     def acquire(self, action: str = "write") -> "RunLock":
+        if not self.try_acquire():
+            raise SparseZOError(f"run directory {self.run_dir} is in use by {self.holder()} (lock "
+                                f"{self.path}); cannot {action} it while that run is training: wait for it "
+                                "to finish or stop it")
+        return self
+
+    def try_acquire(self) -> bool:
+        """Take the lock, or return False when another process holds it (other failures raise)."""
         self._made = _make_parents(self.path)
         while True:
             try:
@@ -358,9 +366,7 @@ class RunLock:
                 os.close(fd)
                 self._remove_made()
                 if e.errno in (errno.EAGAIN, errno.EACCES):
-                    raise SparseZOError(f"run directory {self.run_dir} is in use by {self.holder()} (lock "
-                                        f"{self.path}); cannot {action} it while that run is training: wait for it "
-                                        "to finish or stop it") from e
+                    return False
                 raise SparseZOError(f"cannot lock run directory {self.run_dir} ({e.strerror}); "
                                     "use a folder on a filesystem that supports file locks") from e
             try:
@@ -376,7 +382,7 @@ class RunLock:
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
         self.fd = fd
-        return self
+        return True
 
     def release(self) -> None:
         if self.fd is None:
