@@ -62,6 +62,25 @@ def test_the_counted_result_is_the_cell_at_the_chosen_lr_and_the_grid_size_is_wh
     assert len(listed) == len(set(listed)) == R.expected_cells(store)
 
 
+def test_a_narrowed_arm_lists_only_its_scope_keeps_its_cells_and_the_first_task_runs_first(tmp_path, monkeypatch):
+    store = R.Store(tmp_path / "r")
+    lr = R.METHODS["magnitude-large"].lrs[0]
+    cell = R.Cell("train", "magnitude-large", "copa", R.SEARCH_SEED, lr)
+    _put(store, cell, test_accuracy=0.5, dev_auc=0.5)
+    wide = dataclasses.replace(R.METHODS["magnitude-large"], scope=())
+    monkeypatch.setitem(R.METHODS, "magnitude-large", wide)
+    n_wide = R.expected_cells(store)
+    narrow = dataclasses.replace(wide, scope=(("copa", (R.SEARCH_SEED,)),))
+    monkeypatch.setitem(R.METHODS, "magnitude-large", narrow)
+    assert store.get(cell)["test_accuracy"] == 0.5  # the scope is not part of a cell's spec
+    listed = R.all_cells(store)
+    assert {(c.task, c.seed) for c in listed if c.method == "magnitude-large"} == {("copa", R.SEARCH_SEED)}
+    # the other tasks lose their search (3 lrs) and later seeds (2) each, copa its later seeds
+    assert R.expected_cells(store) == n_wide - 5 * (len(R.TASKS) - 1) - 2
+    keys = [0 if c.task == R.FIRST_TASK else 1 if c.seed == R.SEARCH_SEED else 2 for c in listed]
+    assert keys == sorted(keys) and keys[0] == 0 and keys[-1] == 2
+
+
 def test_a_cell_with_other_settings_is_stale_and_a_stored_spec_compares_equal(tmp_path):
     store = R.Store(tmp_path / "r")
     cell = R.Cell("train", "full", "sst2", 0, 1e-6)
