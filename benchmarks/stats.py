@@ -27,11 +27,20 @@ def t_quantile(df: int, p: float = 0.975) -> float:
     return (lo + hi) / 2
 
 
+# below this spread the differences are equal up to rounding (accuracies are multiples of 1/n_test)
+NO_SPREAD = 1e-9
+
+
 def paired(d: list[float]) -> dict:
-    """Mean paired difference with a 95% Student-t interval and the verdict it supports."""
+    """Mean paired difference with a 95% Student-t interval and the verdict it supports.
+
+    Equal differences (two seeds whose test accuracies both differ by exactly 1/300, say: accuracies
+    are quantised, so it happens) have no spread to estimate the interval from; their interval is
+    unbounded rather than zero-width, which would call any such difference significant."""
     if not d:
         return {"n": 0}
     m = float(np.mean(d))
-    half = t_quantile(len(d) - 1) * float(np.std(d, ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else float("inf")
+    sd = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
+    half = t_quantile(len(d) - 1) * sd / math.sqrt(len(d)) if sd > NO_SPREAD else float("inf")
     verdict = "a better" if m - half > 0 else "a worse" if m + half < 0 else "no significant difference"
     return {"n": len(d), "mean_diff": m, "ci95": half, "verdict": verdict}

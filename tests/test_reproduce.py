@@ -136,6 +136,13 @@ def test_per_task_interval_uses_student_t_not_the_normal():
     assert c["verdict"] == "no significant difference"
 
 
+def test_equal_differences_have_no_interval_rather_than_a_zero_width_one():
+    d = [0.69 - 0.70, 0.7633333 - 0.7733333]  # both -0.01 up to rounding: no spread to go on
+    got = stats.paired(d)
+    assert got["ci95"] == math.inf and got["verdict"] == "no significant difference"
+    assert stats.paired([0.69 - 0.70, 0.75 - 0.77, 0.70 - 0.715])["verdict"] == "a worse"
+
+
 @pytest.mark.parametrize("df,expected", [(1, 12.706), (2, 4.303), (14, 2.145), (120, 1.980)])
 def test_t_quantile_matches_the_table(df, expected):
     assert stats.t_quantile(df) == pytest.approx(expected, abs=1e-3)
