@@ -86,6 +86,7 @@ class Method:
     scope: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def runs(self, task: str, seed: int) -> bool:
+        """Whether the grid holds this method's cell for (task, seed)."""
         return not self.scope or seed in dict(self.scope).get(task, ())
 
 
@@ -582,10 +583,10 @@ def _markdown(r: dict, methods: list[str], name: str) -> str:
         "(SST-2: GLUE dev), a seeded sample of up to 300; the same examples for every method of a seed. "
         "lr per method and task: searched on seed 0 over the method's own 3-point grid, by mean dev accuracy.",
         "",
-        "Narrowed arms (to fit the budget; every other arm runs every task and seed): " + "; ".join(
-            f"`{m}` on " + ", ".join(f"{t} seed{'s' * (len(ss) > 1)} {','.join(map(str, ss))}" for t, ss in v["scope"])
-            for m, v in r["methods"].items() if v["scope"]) + ".",
-        "",
+        *([] if not (narrow := {m: v["scope"] for m, v in r["methods"].items() if v["scope"]}) else [
+            "Narrowed arms (to fit the budget; every other arm runs every task and seed): " + "; ".join(
+                f"`{m}` on " + ", ".join(f"{t} seed{'s' * (len(ss) > 1)} {','.join(map(str, ss))}" for t, ss in sc)
+                for m, sc in narrow.items()) + ".", ""]),
         "| task | forwards | train/dev/test | " + " | ".join(methods) + " |",
         "|---|---|---|" + "---|" * len(methods),
     ]
