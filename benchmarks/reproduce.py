@@ -241,35 +241,34 @@ class Store:
         return None if lr is None else self.get(Cell("train", method, task, seed, lr))
 
 
+def method_cells(store: Store, name: str, task: str) -> list[Cell]:
+    """A method's train cells on a task as far as the grid knows them: its search on SEARCH_SEED
+    (grown as far as is known yet), then its other seeds in scope, at the chosen lr (None for
+    --lr auto, and also while the search runs: such a cell cannot run yet)."""
+    m = METHODS[name]
+    search = bool(m.lrs) and m.runs(task, SEARCH_SEED)
+    cells = [Cell("train", name, task, SEARCH_SEED, lr) for lr in store.search_lrs(name, task)] if search else []
+    lr = store.lr(name, task)
+    return cells + [Cell("train", name, task, s, lr) for s in SEEDS
+                    if m.runs(task, s) and not (search and s == SEARCH_SEED)]
+
+
 def all_cells(store: Store) -> list[Cell]:
     """Every cell that exists or can be run now, in priority order: FIRST_TASK's seeds, then seed 0
-    of the other tasks (searches included), then their later seeds; the cells waiting on a search
-    appear once it is done."""
+    of the other tasks (searches included), then their later seeds, each block seed by seed with
+    its eval cells first; the cells waiting on a search appear once it is done."""
     cells = [Cell("eval", m, t, s) for s in SEEDS for t in TASKS for m in EVAL_ONLY]
-    for s in SEEDS:
-        for t in TASKS:
-            for name, m in METHODS.items():
-                if not m.runs(t, s):
-                    continue
-                if m.lr_auto:
-                    cells.append(Cell("train", name, t, s))
-                elif m.lrs and s == SEARCH_SEED:
-                    cells += [Cell("train", name, t, s, lr) for lr in store.search_lrs(name, t)]
-                elif (lr := store.lr(name, t)) is not None:
-                    cells.append(Cell("train", name, t, s, lr))
-    return sorted(cells, key=lambda c: 0 if c.task == FIRST_TASK else 1 if c.seed == SEARCH_SEED else 2)
+    cells += [c for t in TASKS for name, m in METHODS.items() for c in method_cells(store, name, t)
+              if c.lr is not None or m.lr_auto]
+    block = lambda c: 0 if c.task == FIRST_TASK else 1 if c.seed == SEARCH_SEED else 2  # noqa: E731
+    return sorted(cells, key=lambda c: (block(c), -1 if c.kind == "eval" else c.seed))
 
 
 def expected_cells(store: Store) -> int:
     """How many cells the finished grid holds (a search's winner is one of its own cells), with the
     searches grown as far as is known yet."""
-    n = len(TASKS) * len(SEEDS) * len(EVAL_ONLY)
-    for name, m in METHODS.items():
-        for t in TASKS:
-            seeds = [s for s in SEEDS if m.runs(t, s)]
-            search = bool(m.lrs) and SEARCH_SEED in seeds
-            n += len(seeds) - search + (len(store.search_lrs(name, t)) if search else 0)
-    return n
+    return len(TASKS) * len(SEEDS) * len(EVAL_ONLY) + sum(
+        len(method_cells(store, name, t)) for name in METHODS for t in TASKS)
 
 
 # ----------------------------------------------------------------------------- running one cell
@@ -418,11 +417,7 @@ def plan(store: Store) -> dict:
     for t, spec in TASKS.items():
         evals = (EVALS + 1) * spec.num_dev + spec.num_test  # rows scored: dev at every evaluation, test once
         for name, m in METHODS.items():
-            lr = store.lr(name, t)  # None while the search runs: the later seeds are then all missing
-            search = bool(m.lrs) and m.runs(t, SEARCH_SEED)
-            need = [Cell("train", name, t, SEARCH_SEED, x) for x in (store.search_lrs(name, t) if search else [])]
-            need += [Cell("train", name, t, s, None if m.lr_auto else lr) for s in SEEDS
-                     if m.runs(t, s) and not (m.lrs and s == SEARCH_SEED)]
+            need = method_cells(store, name, t)  # while the search runs, the later seeds are all missing
             got = [g["seconds"] for c in need if (c.lr is not None or m.lr_auto) and (g := store.get(c))]
             missing = len(need) - len(got)
             if got:
