@@ -556,6 +556,16 @@ def _plots(out: Path, runs: dict, table: dict) -> None:
         plt.close(fig)
 
 
+def _narrowed(methods: dict) -> list[str]:
+    """The report's line on the arms whose scope is narrower than the grid (none: no line)."""
+    where = {m: ", ".join(f"{t} seed{'s' * (len(ss) > 1)} {','.join(map(str, ss))}" for t, ss in v["scope"])
+             for m, v in methods.items() if v["scope"]}
+    if not where:
+        return []
+    return ["Narrowed arms (to fit the budget; every other arm runs every task and seed): "
+            + "; ".join(f"`{m}` on {w}" for m, w in where.items()) + ".", ""]
+
+
 def _markdown(r: dict, methods: list[str], name: str) -> str:
     fmt = lambda xs: "-" if not xs else (f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f}" if len(xs) > 1  # noqa: E731
                                          else f"{xs[0]:.3f} (1 seed)")
@@ -578,10 +588,7 @@ def _markdown(r: dict, methods: list[str], name: str) -> str:
         "(SST-2: GLUE dev), a seeded sample of up to 300; the same examples for every method of a seed. "
         "lr per method and task: searched on seed 0 over the method's own 3-point grid, by mean dev accuracy.",
         "",
-        *([] if not (narrow := {m: v["scope"] for m, v in r["methods"].items() if v["scope"]}) else [
-            "Narrowed arms (to fit the budget; every other arm runs every task and seed): " + "; ".join(
-                f"`{m}` on " + ", ".join(f"{t} seed{'s' * (len(ss) > 1)} {','.join(map(str, ss))}" for t, ss in sc)
-                for m, sc in narrow.items()) + ".", ""]),
+        *_narrowed(r["methods"]),
         "| task | forwards | train/dev/test | " + " | ".join(methods) + " |",
         "|---|---|---|" + "---|" * len(methods),
     ]

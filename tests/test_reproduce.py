@@ -77,6 +77,9 @@ def test_a_narrowed_arm_lists_only_its_scope_keeps_its_cells_and_the_first_task_
     assert {(c.task, c.seed) for c in listed if c.method == "magnitude-large"} == {("copa", R.SEARCH_SEED)}
     # the other tasks lose their search (3 lrs) and later seeds (2) each, copa its later seeds
     assert R.expected_cells(store) == n_wide - 5 * (len(R.TASKS) - 1) - 2
+    methods = {m: dataclasses.asdict(v) for m, v in R.METHODS.items()}
+    assert f"`magnitude-large` on copa seed {R.SEARCH_SEED}" in R._narrowed(methods)[0]
+    assert R._narrowed({m: {**v, "scope": ()} for m, v in methods.items()}) == []  # nothing narrowed: no line
     keys = [0 if c.task == R.FIRST_TASK else 1 if c.seed == R.SEARCH_SEED else 2 for c in listed]
     assert keys == sorted(keys) and keys[0] == 0 and keys[-1] == 2
 
