@@ -351,7 +351,7 @@ def run_cell(store: Store, cell: Cell) -> dict:
             "start_dev": res.start_dev, "improved": res.improved,
             "dev_auc": float(np.mean([c["dev"] for c in curve[1:]])), "curve": curve, "test_accuracy": test,
             "train_seconds": round(train_seconds, 1), "threads": torch.get_num_threads(),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1), "lr_probe": res.lr_probe}
 
 
 def work(store: Store) -> int:

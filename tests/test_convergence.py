@@ -13,7 +13,7 @@ from sparsezo.checkpoint import load_checkpoint
 from sparsezo.cli import main
 from sparsezo.masks import compute_mask
 from sparsezo.tasks import Example
-from sparsezo.train import PROBE_BACKOFF, PROBE_SHARE, TrainConfig, fine_tune, improvement
+from sparsezo.train import PROBE_BACKOFF, PROBE_SHARE, TrainConfig, choose_lr, fine_tune, improvement
 from sparsezo.zo import TrainableParams, Trajectory, ZOConfig, ZOEngine, sample
 from sparsezo.zo.optim import forwards_per_step
 
@@ -224,6 +224,48 @@ def test_lr_auto_picks_a_sane_lr_within_its_forward_cap():
     assert probe["forwards"] <= PROBE_SHARE * 400 * forwards_per_step("sgd", 1) == probe["cap_forwards"]
     assert res.history[0] == {"step": 0, "lr_auto": probe}
     assert all(r["lr"] == probe["lr"] for r in res.history if "loss" in r)
+
+
+def test_lr_auto_takes_the_lowest_dev_loss_backed_off_or_the_centre_when_none_lowered_it():
+    grid = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    assert PROBE_BACKOFF == 10  # the expected lrs below are written out
+    assert choose_lr(grid, [1.9, 1.8, 1.85, 2.5, None], 2.0) == (1e-5, 1, False)
+    assert choose_lr(grid, [1.8, 1.8, 1.9, 2.0, 2.1], 2.0) == (1e-6, 0, False)  # ties: the smaller
+    # none went below the start: the least-raised is merely the smallest step, so the probe says nothing
+    assert choose_lr(grid, [2.01, 2.02, 2.05, 2.5, 3.0], 2.0) == (1e-3, 0, True)
+    assert choose_lr(grid, [2.01, 2.02, None, None, None], 2.0) == (1e-4, 0, True)  # below a divergence
+    assert choose_lr(grid, [2.01, 2.02, 2.05, 2.5, 3.0], None) == (1e-6, 0, False)  # no start: no test
+
+
+def test_lr_auto_warns_and_trains_at_the_grid_centre_when_no_candidate_lowers_the_dev_loss(monkeypatch, caplog):
+    calls = iter(range(10**6))  # every dev-loss measurement after the start one is higher: no candidate helps
+    monkeypatch.setattr("sparsezo.train.batch_loss", lambda *a, **k: 1.0 + next(calls))
+    model, tok = tiny_model(), tiny_tokenizer()
+    params = TrainableParams(model, compute_mask(model, "full"))
+    cfg = TrainConfig(steps=400, batch_size=16, eval_every=100, lr_auto=True, lr_grid=(1e-4, 1e-3, 1e-2),
+                      zo=ZOConfig(lr=1.0, eps=1e-3))
+    with caplog.at_level(logging.WARNING, logger="sparsezo"):
+        res = fine_tune(model, tok, params, _examples(128, 1), _examples(64, 2), cfg, progress=False)
+    assert res.lr_probe["choice"] == "no-signal" and res.lr_probe["probe_best_lr"] == 1e-4
+    assert res.lr_probe["lr"] == cfg.zo.lr == 1e-3  # the centre, not the smallest ÷ backoff (1e-5)
+    assert any("no candidate lr" in r.getMessage() and "grid's centre, lr 0.001" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_lr_auto_on_a_run_too_short_to_probe_trains_at_the_centre_of_its_measured_grid(caplog):
+    model, tok = tiny_model(), tiny_tokenizer()
+    params = TrainableParams(model, compute_mask(model, "full"))
+    cfg = TrainConfig(steps=60, batch_size=16, eval_every=30, lr_auto=True, zo=ZOConfig(lr=1.0, eps=1e-3))
+    with caplog.at_level(logging.INFO, logger="sparsezo"):
+        res = fine_tune(model, tok, params, _examples(128, 1), _examples(64, 2), cfg, progress=False)
+    probe = res.lr_probe
+    from sparsezo.zo.optim import SGD
+
+    assert probe["choice"] == "short-run" and probe["steps_each"] == 0 and probe["g2"] > 0
+    assert probe["candidates"] == list(SGD.lr_grid(params.numel, probe["g2"]))  # centred on the measured g²
+    assert cfg.zo.lr == probe["lr"] == probe["candidates"][2]  # the middle of the half-decade grid
+    assert probe["forwards"] == 16 and any("too few to try" in r.getMessage() for r in caplog.records)
+    assert res.steps == 60 and all(r["lr"] == probe["lr"] for r in res.history if "loss" in r)
 
 
 def test_lr_auto_on_the_command_line_is_recorded(env, capsys):

@@ -184,7 +184,8 @@ def _lr_value(text: str) -> float | None:
 LR_HELP = ("learning rate of the ZO update, or 'auto': before training, probe a half-decade grid of lrs (the "
            "optimizer's own) for a few dozen steps each on 32 dev examples and train with the lowest dev loss's lr "
            "divided by 10 (short probes favour too-large lrs; at most 10%% of the run's forwards; the choice and "
-           "its cost are recorded in config.json)")
+           "its cost are recorded in config.json); the grid's centre when no candidate lowered the dev loss or "
+           "the run is too short to try them")
 
 
 def _add_zo_args(p: argparse.ArgumentParser) -> None:
