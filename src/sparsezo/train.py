@@ -51,11 +51,11 @@ PROBE_BACKOFF = 10.0
 PROBE_G2_QUERIES = 8  # ± queries at θ₀ whose mean g² centres the grid of rules with grid_from_g2 (sgd, momentum)
 
 
-# What --lr auto takes when its probe cannot choose — no candidate lowered the dev loss, or the run is too short to
-# try them within PROBE_SHARE: the grid's log-centre, which for the built-in grids is the rule's own prediction
-# (lr_ref · REF_G2 / E[g²] for sgd). "The candidate that raised the loss
-# least, ÷ PROBE_BACKOFF" (the rule before) is almost always the smallest lr — a tiny step changes the loss
-# least — so it chose centre / 100 and guaranteed that nothing was learned (COPA 8.5e-7, CB 2.35e-6).
+# What --lr auto takes when its probe cannot choose — no candidate lowered the dev loss, or the run is too short
+# to try them within PROBE_SHARE: the grid's log-centre, which for the built-in grids is the rule's own
+# prediction (lr_ref · REF_G2 / E[g²] for sgd). The rule before, "the candidate that raised the loss least,
+# ÷ PROBE_BACKOFF", almost always took the smallest lr (a tiny step changes the loss least), so it chose
+# centre / 100 and guaranteed that nothing was learned (COPA 8.5e-7, CB 2.35e-6).
 PROBE_NO_SIGNAL = "grid-centre"
 
 
