@@ -15,7 +15,7 @@ from sparsezo.masks import compute_mask
 from sparsezo.tasks import Example
 from sparsezo.train import PROBE_BACKOFF, PROBE_SHARE, TrainConfig, choose_lr, fine_tune, improvement
 from sparsezo.zo import TrainableParams, Trajectory, ZOConfig, ZOEngine, sample
-from sparsezo.zo.optim import forwards_per_step
+from sparsezo.zo.optim import SGD, forwards_per_step
 
 
 class Quadratic(nn.Module):
@@ -259,8 +259,6 @@ def test_lr_auto_on_a_run_too_short_to_probe_trains_at_the_centre_of_its_measure
     with caplog.at_level(logging.INFO, logger="sparsezo"):
         res = fine_tune(model, tok, params, _examples(128, 1), _examples(64, 2), cfg, progress=False)
     probe = res.lr_probe
-    from sparsezo.zo.optim import SGD
-
     assert probe["choice"] == "short-run" and probe["steps_each"] == 0 and probe["g2"] > 0
     assert probe["candidates"] == list(SGD.lr_grid(params.numel, probe["g2"]))  # centred on the measured g²
     assert cfg.zo.lr == probe["lr"] == probe["candidates"][2]  # the middle of the half-decade grid
