@@ -112,7 +112,7 @@ class Cell:
 
 
 def steps_for(cell: Cell) -> int:
-    from sparsezo.zo.optim import forwards_per_step
+    from sparsezo.zo.registry import forwards_per_step
 
     return max(1, cell.budget // forwards_per_step(cell.optimizer, cell.q))
 
@@ -198,7 +198,7 @@ def run_cell(cell: Cell, model, tok, mask) -> dict:
 
     from sparsezo.train import TrainConfig, fine_tune
     from sparsezo.zo import OPTIMIZERS, TrainableParams, ZOConfig
-    from sparsezo.zo.optim import forwards_per_step
+    from sparsezo.zo.registry import forwards_per_step
 
     splits = load_splits(cell.task, cell.seed, tok)
     steps, fps = steps_for(cell), forwards_per_step(cell.optimizer, cell.q)

@@ -319,7 +319,7 @@ def run_cell(store: Store, cell: Cell) -> dict:
     from sparsezo.tasks.icl import with_demonstrations
     from sparsezo.train import TrainConfig, fine_tune
     from sparsezo.zo import TrainableParams, ZOConfig
-    from sparsezo.zo.optim import forwards_per_step
+    from sparsezo.zo.registry import forwards_per_step
 
     task = get_task(cell.task)
     model, tok = load_model(None, "bfloat16")
@@ -394,7 +394,7 @@ def plan(store: Store) -> dict:
 
     from sparsezo.models import load_model
     from sparsezo.train import PROBE_SHARE
-    from sparsezo.zo.optim import forwards_per_step
+    from sparsezo.zo.registry import forwards_per_step
 
     torch.set_num_threads(1)
     model, tok = load_model(None, "bfloat16")

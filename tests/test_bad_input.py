@@ -606,7 +606,7 @@ def test_checkpoints_record_mask_and_model_and_refuse_others(env):
     from sparsezo.masks import Mask
     from sparsezo.models import load_model, model_fingerprint
     from sparsezo.zo import TrainableParams
-    from sparsezo.zo.optim import SGD
+    from sparsezo.zo.sgd import SGD
 
     state = load_checkpoint(env["partial"])
     model, _ = load_model(env["model"], "float32")

@@ -15,7 +15,8 @@ from sparsezo.masks import compute_mask
 from sparsezo.tasks import Example
 from sparsezo.train import PROBE_BACKOFF, PROBE_SHARE, TrainConfig, choose_lr, fine_tune, improvement
 from sparsezo.zo import TrainableParams, Trajectory, ZOConfig, ZOEngine, sample
-from sparsezo.zo.optim import SGD, forwards_per_step
+from sparsezo.zo.registry import forwards_per_step
+from sparsezo.zo.sgd import SGD
 
 
 class Quadratic(nn.Module):
@@ -311,7 +312,8 @@ def test_lr_auto_resumes_with_the_probed_lr_without_probing_again(tmp_path, monk
 
 
 def test_sgd_grid_is_centred_on_the_measured_g2_and_falls_back_to_the_size_rule():
-    from sparsezo.zo.optim import OPTIMIZERS, REF_G2, REF_NUMEL
+    from sparsezo.zo.registry import OPTIMIZERS
+    from sparsezo.zo.sgd import REF_G2, REF_NUMEL
 
     sgd, mom = OPTIMIZERS["sgd"], OPTIMIZERS["momentum"]
     assert sgd.lr_grid(10**8, REF_G2)[2] == pytest.approx(sgd.lr_ref)  # the size of θ no longer matters
@@ -351,7 +353,7 @@ def test_projected_g2_is_the_mean_squared_slope_at_theta0_and_changes_nothing():
 
 def test_lr_auto_without_a_grid_centres_it_on_g2_and_counts_its_forwards():
     from sparsezo.train import PROBE_G2_QUERIES
-    from sparsezo.zo.optim import OPTIMIZERS
+    from sparsezo.zo.registry import OPTIMIZERS
 
     model, tok = tiny_model(), tiny_tokenizer()
     params = TrainableParams(model, compute_mask(model, "full"))

@@ -14,7 +14,7 @@ from sparsezo.masks import compute_mask
 from sparsezo.train import TrainConfig, fine_tune
 from sparsezo.zo import TrainableParams, Trajectory, ZOConfig, ZOEngine, sample
 from sparsezo.zo.fzoo import FZOO
-from sparsezo.zo.optim import forwards_per_step
+from sparsezo.zo.registry import forwards_per_step
 from test_convergence import Quadratic, _examples, _fine_tune, env, first_step_alignment  # noqa: F401 (env: fixture)
 
 

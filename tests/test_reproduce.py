@@ -229,7 +229,7 @@ def test_an_auto_cell_probed_under_another_rule_is_stale(tmp_path, monkeypatch):
     cell = R.Cell("train", "sensitive-auto", "sst2", 0)
     _put(store, cell, test_accuracy=0.7)
     assert store.get(cell)["test_accuracy"] == 0.7
-    monkeypatch.setattr("sparsezo.zo.optim.REF_G2", 1.0)  # the grid's centre moved: the old choice no longer holds
+    monkeypatch.setattr("sparsezo.zo.sgd.REF_G2", 1.0)  # the grid's centre moved: the old choice no longer holds
     assert store.get(cell) is None
 
 

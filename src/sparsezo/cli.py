@@ -191,7 +191,7 @@ LR_HELP = ("learning rate of the ZO update, or 'auto': before training, probe a 
 def _add_zo_args(p: argparse.ArgumentParser) -> None:
     from .recipe import TRAIN
     from .train import FUSED_AUTO_TOKENS, FUSED_PM
-    from .zo.optim import OPTIMIZERS
+    from .zo.registry import OPTIMIZERS
 
     p.add_argument("--steps", type=int, default=TRAIN.steps, help="ZO steps (each: two forward passes per query)")
     p.add_argument("--lr", type=_lr_value, default=TRAIN.lr, help=LR_HELP)
@@ -323,13 +323,14 @@ def _run_bytes(args: argparse.Namespace, cfg) -> int:
     the one being written.
     """
     from .masks import RULES
+    from .zo.registry import state_vectors
 
     if args.mask not in RULES and Path(args.mask).is_file():
         entries = Path(args.mask).stat().st_size // 4
     else:
         total = _model_numel(args.model) or 0
         entries = math.ceil(total * (1.0 if args.mask == "full" else args.density))
-    vectors = 2 + {"sgd": 0, "sign": 0, "momentum": 1, "adam": 2}.get(cfg.zo.optimizer, 2)
+    vectors = 2 + state_vectors(cfg.zo.optimizer)
     checkpoints = (args.keep_checkpoints + 1) if args.checkpoint_every else 0
     per_step = 24 * cfg.zo.q * (checkpoints + 1) + 160 + 60 * cfg.zo.q  # trajectory rows + a metrics.jsonl line
     return entries * (4 + 8 + 4 * vectors * checkpoints) + per_step * cfg.steps + (256 << 10)

@@ -31,8 +31,8 @@ from .tasks import Example, Task
 from .zo import OPTIMIZERS, StepRecord, TrainableParams, Trajectory, ZOConfig, ZOEngine
 from .zo.fused import FusedPM, PMLoss
 from .zo.noise import step_seed
-from .zo import optim
-from .zo.optim import forwards_per_step
+from .zo import sgd
+from .zo.registry import forwards_per_step
 
 if TYPE_CHECKING:
     from .distributed import DistContext
@@ -61,7 +61,7 @@ PROBE_NO_SIGNAL = "grid-centre"
 
 def probe_rule() -> dict[str, float | str]:
     """The constants ``--lr auto``'s choice depends on: a result probed under other ones is stale."""
-    return {"backoff": PROBE_BACKOFF, "g2_queries": PROBE_G2_QUERIES, "ref_g2": optim.REF_G2,
+    return {"backoff": PROBE_BACKOFF, "g2_queries": PROBE_G2_QUERIES, "ref_g2": sgd.REF_G2,
             "no_signal": PROBE_NO_SIGNAL}
 
 

@@ -1,7 +1,8 @@
 """Zeroth-order optimisation: noise, the trainable set, optimisers and the SPSA step."""
 
 from .noise import sample, step_seed
-from .optim import OPTIMIZERS, lr_at
+from .registry import OPTIMIZERS
+from .schedule import lr_at
 from .spsa import StepRecord, ZOConfig, ZOEngine
 from .trainable import TrainableParams
 from .trajectory import Trajectory

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 from ..errors import SparseZOError
-from .optim import SGD
+from .sgd import SGD
 
 MIN_SPREAD = 1e-12  # all q slopes equal (a flat batch): no direction is preferred, the step is 0
 

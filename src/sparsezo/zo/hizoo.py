@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .optim import SGD
+from .sgd import SGD
 
 MIN_CURV = 1e-12  # δ: a flat direction (c = 0) must not divide by zero; far below any real curvature
 

@@ -1,8 +1,8 @@
-"""ZO optimizers over θ: given the estimated gradient of one θ block, update that block in place.
+"""ZO-SGD, the base class of every ZO optimiser: given the estimated gradient of one θ block, update it in place.
 
 Updates run block by block so full-ZO never holds a θ-sized gradient; per-entry state
-(momentum, Adam moments) is θ-sized, which is cheap for sparse sets. One class per rule,
-one registry entry.
+(momentum, Adam moments) is θ-sized, which is cheap for sparse sets. One file per rule, one
+entry in :mod:`sparsezo.zo.registry`.
 """
 
 from __future__ import annotations
@@ -69,84 +69,3 @@ class SGD:
         if self.wd:
             d = d + self.wd * theta
         theta.sub_(lr * d)
-
-
-class Momentum(SGD):
-    """Heavy-ball momentum on the ZO gradient estimate."""
-
-    state_names = ("momentum",)
-    lr_ref = 1e-5  # heavy-ball with β₁ = 0.9 moves 1/(1 − β₁) = 10× as far as SGD per lr
-
-    def __init__(self, numel: int, device, weight_decay: float = 0.0, beta1: float = 0.9, **_: float):
-        super().__init__(numel, device, weight_decay)
-        self.beta1 = beta1
-
-    def direction(self, theta, grad, s, e, t):
-        m = self.state["momentum"][s:e]
-        m.mul_(self.beta1).add_(grad)
-        return m
-
-
-class Adam(SGD):
-    """Adam on the ZO gradient estimate (ZO-Adam in ZO-Bench)."""
-
-    state_names = ("exp_avg", "exp_avg_sq")
-    fixed_grid = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4)  # per-entry steps of ~lr whatever |θ|: no dimension scaling
-    grid_from_g2 = False  # ... and whatever the gradient's scale
-
-    @classmethod
-    def lr_grid(cls, numel: int, g2: float | None = None) -> tuple[float, ...]:
-        return cls.fixed_grid
-
-    def __init__(self, numel: int, device, weight_decay: float = 0.0, beta1: float = 0.9,
-                 beta2: float = 0.999, adam_eps: float = 1e-8, **_: float):
-        super().__init__(numel, device, weight_decay)
-        self.beta1, self.beta2, self.adam_eps = beta1, beta2, adam_eps
-
-    def direction(self, theta, grad, s, e, t):
-        m, v = self.state["exp_avg"][s:e], self.state["exp_avg_sq"][s:e]
-        m.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
-        v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        m_hat = m / (1 - self.beta1 ** (t + 1))
-        v_hat = v / (1 - self.beta2 ** (t + 1))
-        return m_hat / (v_hat.sqrt() + self.adam_eps)
-
-
-class SignSGD(SGD):
-    """ZO-SignSGD: only the sign of the estimate is used (robust to the scale of g)."""
-
-    lr_grid = Adam.lr_grid  # every entry moves exactly lr a step, as Adam's normalised step
-    grid_from_g2 = False
-
-    def direction(self, theta, grad, s, e, t):
-        return grad.sign()
-
-
-from .fzoo import FZOO  # noqa: E402  (these build on SGD above)
-from .hizoo import HiZOO  # noqa: E402
-
-OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "sign": SignSGD, "hizoo": HiZOO, "fzoo": FZOO}
-
-
-def forwards_per_step(optimizer: str, q: int) -> int:
-    """Forward passes over a training batch per step: 2 per query (1 for one-sided rules), plus L(θ)
-    for the rules that measure it.
-
-    A fused ±ε forward (--fused-pm) runs the 2q as q forwards over a doubled batch: the same rows.
-    """
-    opt = OPTIMIZERS[optimizer]
-    return (1 if opt.one_sided else 2) * q + int(opt.needs_center)
-
-
-def lr_at(schedule: str, lr: float, step: int, total: int, warmup: int = 0) -> float:
-    """Learning rate at 0-based ``step``: constant, linear decay, or cosine, after linear warm-up."""
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    if schedule == "constant":
-        return lr
-    if schedule == "linear":
-        return lr * (1.0 - frac)
-    if schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-    raise ValueError(f"unknown lr schedule {schedule!r}")

@@ -22,7 +22,8 @@ import torch
 
 from ..errors import SparseZOError
 from .noise import sample, step_seed
-from .optim import OPTIMIZERS, lr_at
+from .registry import OPTIMIZERS
+from .schedule import lr_at
 from .trainable import TrainableParams
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
