@@ -63,7 +63,7 @@ def main() -> None:
             key = f"{name}|{mode}|{args.model or 'default'}|{args.dtype}|seed{args.seed}|test{args.max_test}"
             if key not in cells:
                 if model is None:
-                    from sparsezo.models import load_model
+                    from sparsezo.model.load import load_model
 
                     model, tok = load_model(args.model, args.dtype)
                 examples = with_demonstrations(splits["test"], splits["train"], k, args.seed)

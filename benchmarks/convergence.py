@@ -141,8 +141,8 @@ def mean_tokens(splits: dict, tok) -> float:
 
 def load_variant(name: str, density: float = DENSITY):
     """Model, tokenizer and sensitive mask (at ``density``) of one of :data:`MODELS`."""
-    from sparsezo.models import load_model
-    from sparsezo.quant import quantize_model
+    from sparsezo.model.load import load_model
+    from sparsezo.quant.convert import quantize_model
 
     model, tok = load_model(None, "bfloat16")
     if name == "smollm2-logits3x":
@@ -345,7 +345,7 @@ def main() -> None:
         write_text(REPORT, report(finished_cells()) + "\n")
         print(f"wrote {REPORT}")
         return
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
 
     _, tok = load_model(None, "bfloat16")
     tokens = {t: mean_tokens(load_splits(t, 0, tok), tok) for t in args.tasks}

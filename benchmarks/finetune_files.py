@@ -22,7 +22,8 @@ import torch
 from sparsezo.checkpoint import load_delta
 from sparsezo.export import save_merged
 from sparsezo.masks import Mask
-from sparsezo.models import checkpoint_bytes, load_model
+from sparsezo.model.load import load_model
+from sparsezo.model.memory import checkpoint_bytes
 from sparsezo.replay import replayed_delta
 from sparsezo.zo import Trajectory
 

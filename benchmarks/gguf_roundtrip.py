@@ -42,7 +42,8 @@ import torch
 from sparsezo.checkpoint import load_delta
 from sparsezo.cli import main as sparsezo
 from sparsezo.io import write_json
-from sparsezo.models import DEFAULT_MODEL, fetch_default_gguf, load_model, sparsezo_home
+from sparsezo.model.load import load_model
+from sparsezo.model.paths import DEFAULT_MODEL, fetch_default_gguf, sparsezo_home
 from sparsezo.scoring import accuracy, encode, predict
 from sparsezo.tasks import get_task
 

@@ -18,8 +18,8 @@ import time
 import torch
 
 from sparsezo.masks import Mask, compute_mask
-from sparsezo.models import load_model
-from sparsezo.quant import load_quantized, weight_bytes
+from sparsezo.model.load import load_model
+from sparsezo.quant.convert import load_quantized, weight_bytes
 from sparsezo.resources import peak_memory_bytes
 from sparsezo.scoring import batch_loss, encode, make_batch
 from sparsezo.tasks import get_task
@@ -55,7 +55,7 @@ def llama2_7b_account(density: float) -> dict:
 
 def load_peak_rss(kind: str, mask: str | None) -> int:
     """Peak RSS of a fresh process that only loads the default model (bf16, or nf4 while streaming)."""
-    code = ("import json, sys, torch; from sparsezo.models import load_model; from sparsezo.masks import Mask; "
+    code = ("import json, sys, torch; from sparsezo.model.load import load_model; from sparsezo.masks import Mask; "
             "from sparsezo.resources import peak_memory_bytes; "
             f"m = Mask.load({mask!r}) if {kind == 'nf4'} else None; "
             f"load_model(None, 'bfloat16', quant={'nf4' if kind == 'nf4' else None!r}, mask=m); "

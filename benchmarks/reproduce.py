@@ -313,8 +313,8 @@ def run_cell(store: Store, cell: Cell) -> dict:
     import torch
 
     from sparsezo.evaluate import evaluate
-    from sparsezo.models import load_model
-    from sparsezo.quant import quantize_model
+    from sparsezo.model.load import load_model
+    from sparsezo.quant.convert import quantize_model
     from sparsezo.tasks import get_task
     from sparsezo.tasks.icl import with_demonstrations
     from sparsezo.train import TrainConfig, fine_tune
@@ -392,7 +392,7 @@ def plan(store: Store) -> dict:
     ZO's per-step overhead and the dev/test rows."""
     import torch
 
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
     from sparsezo.train import PROBE_SHARE
     from sparsezo.zo.registry import forwards_per_step
 

@@ -85,8 +85,9 @@ def _compare(model_dir: str | None, mask, bases: list[str], shapes: list[tuple[i
     import gc
 
     from sparsezo.bench import bench_fused
-    from sparsezo.models import load_model
-    from sparsezo.quant import is_quantized_folder, quantize_model
+    from sparsezo.model.load import load_model
+    from sparsezo.quant.convert import quantize_model
+    from sparsezo.quant.layers import is_quantized_folder
 
     out = {}
     for base in bases:
@@ -125,7 +126,7 @@ def part_7b(model_dir: str, mask_file: str, bases: list[str], shapes: list[tuple
 
 
 def part_padding(batch_size: int) -> dict:
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
     from sparsezo.scoring import padding_fraction
     from sparsezo.tasks import get_task
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from helpers import WORDS, sentences
-from sparsezo.models import tiny_llama
+from sparsezo.testing import tiny_llama
 
 
 def bpe_tokenizer():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from sparsezo.models import tiny_llama
+from sparsezo.testing import tiny_llama
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "weak"]

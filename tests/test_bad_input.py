@@ -604,7 +604,8 @@ def test_diverged_theta_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, 
 def test_checkpoints_record_mask_and_model_and_refuse_others(env):
     from sparsezo.checkpoint import check_resumable, load_checkpoint
     from sparsezo.masks import Mask
-    from sparsezo.models import load_model, model_fingerprint
+    from sparsezo.model.load import load_model
+    from sparsezo.model.params import model_fingerprint
     from sparsezo.zo import TrainableParams
     from sparsezo.zo.sgd import SGD
 
@@ -787,7 +788,7 @@ def _fill(d: Path, leave: int) -> Path:
 
 
 def test_a_full_disk_is_refused_before_the_model_loads(env, tmpfs, capsys, monkeypatch):
-    import sparsezo.models as models
+    import sparsezo.model.load as models
 
     disk = tmpfs("full", "256k")
     _fill(disk, 8192)

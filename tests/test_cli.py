@@ -180,7 +180,7 @@ def test_mezo_reference_restores_the_base_after_bench(env):
 
     from sparsezo.bench import bench
     from sparsezo.masks import compute_mask
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
 
     model, _ = load_model(env["model"], "float32")  # fp32: even a 1e-9 update would show
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -7,8 +7,9 @@ from helpers import WORDS, sentences, tiny_tokenizer
 from sparsezo.bench import synthetic_batch
 from sparsezo.errors import SparseZOError
 from sparsezo.masks import compute_mask
-from sparsezo.models import tiny_llama
-from sparsezo.quant import int4, quantize_model
+from sparsezo.testing import tiny_llama
+from sparsezo.quant import int4
+from sparsezo.quant.convert import quantize_model
 from sparsezo.zo import TrainableParams, ZOConfig, ZOEngine, step_seed
 from sparsezo.zo.fused import FusedPM, PMLoss
 

@@ -38,7 +38,7 @@ def test_streaming_conversion_equals_transformers_fp32_loader(tiny, tmp_path):
     the F32 tensors equal the original model's, so the permutation round trip is exact."""
     from safetensors.torch import load_file
 
-    from sparsezo.gguf_import import convert_gguf
+    from sparsezo.model.gguf_import import convert_gguf
 
     convert_gguf(tiny["path"], tmp_path / "conv", torch.float32)
     ours = load_file(tmp_path / "conv" / "model.safetensors")
@@ -63,12 +63,12 @@ def test_default_model_is_converted_by_the_streaming_converter_in_fp32(tiny, tmp
     fp32 weights bit-identical to transformers' fp32 GGUF loader, which converted it before."""
     from safetensors.torch import load_file
 
-    from sparsezo import models
+    from sparsezo.model import paths, resolve
 
     monkeypatch.setenv("SPARSEZO_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(models, "fetch_default_gguf", lambda folder: tiny["path"])
-    folder = models.default_model_path()
-    assert folder == tmp_path / "home" / "models" / models.DEFAULT_MODEL
+    monkeypatch.setattr(resolve, "fetch_default_gguf", lambda folder: tiny["path"])
+    folder = resolve.default_model_path()
+    assert folder == tmp_path / "home" / "models" / paths.DEFAULT_MODEL
     ours = load_file(folder / "model.safetensors")
     ref = _transformers_gguf(tiny["path"]).state_dict()
     assert all(t.dtype == torch.float32 and torch.equal(t, ref[n]) for n, t in ours.items())
@@ -76,8 +76,9 @@ def test_default_model_is_converted_by_the_streaming_converter_in_fp32(tiny, tmp
 
 
 def test_model_path_converts_once_and_caches_by_content(tiny, tmp_path, monkeypatch):
-    from sparsezo import gguf_import
-    from sparsezo.models import load_model, resolve_model_path
+    from sparsezo.model import gguf_import
+    from sparsezo.model.load import load_model
+    from sparsezo.model.resolve import resolve_model_path
 
     monkeypatch.setenv("SPARSEZO_HOME", str(tmp_path / "home"))
     folder = resolve_model_path(tiny["path"])
@@ -140,7 +141,7 @@ def run(tiny, tmp_path_factory):
 def _merged(run_dir, apply: bool = True):
     """sparsezo's own merged model in fp32: the run's base with the delta applied (or not), and its tokenizer."""
     from sparsezo.checkpoint import load_delta
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
 
     delta = load_delta(run_dir)
     model, tok = load_model(delta.meta["model"], "float32")
@@ -207,7 +208,7 @@ def test_export_gguf_from_a_hf_base_and_back(tmp_path, monkeypatch, model_type):
     from transformers import AutoTokenizer
 
     from sparsezo.export_gguf import export_gguf
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
 
     monkeypatch.setenv("SPARSEZO_HOME", str(tmp_path / "home"))
     tok = bpe_tokenizer()

@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_model, tiny_tokenizer, sentences
 from sparsezo.errors import SparseZOError
 from sparsezo.masks import Mask, compute_mask, select_top
-from sparsezo.models import eligible_parameters
+from sparsezo.model.params import eligible_parameters
 
 
 def _flat_sets(mask):
@@ -128,7 +128,7 @@ def test_mask_roundtrip_and_model_checks(tmp_path):
     loaded.check_model(model)
     with pytest.raises(SparseZOError, match="different model"):
         loaded.check_model(tiny_model(seed=5))  # same shapes, other weights
-    from sparsezo.models import tiny_llama
+    from sparsezo.testing import tiny_llama
 
     with pytest.raises(SparseZOError, match="shape|does not have"):
         loaded.check_model(tiny_llama(hidden=64, vocab_size=len(tiny_tokenizer())))

@@ -39,7 +39,8 @@ def test_peft_loads_the_adapter_and_matches_the_merged_model(tmp_path, dtype, ou
     from transformers import AutoModelForCausalLM
 
     from sparsezo.export_peft import export_peft
-    from sparsezo.models import DTYPES, load_model
+    from sparsezo.model.load import load_model
+    from sparsezo.model.params import DTYPES
 
     folder = save_tiny_model(tmp_path / "base")
     model, _ = load_model(folder, dtype)
@@ -67,7 +68,7 @@ def test_peft_loads_the_adapter_and_matches_the_merged_model(tmp_path, dtype, ou
 
 def test_cli_export_peft_and_what_shira_cannot_carry(tmp_path, capsys):
     from sparsezo.cli import main
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
 
     folder = save_tiny_model(tmp_path / "base")
     model, _ = load_model(folder, "float32")

@@ -9,8 +9,9 @@ pytest.importorskip("bitsandbytes")
 from helpers import save_tiny_model, sentences, tiny_model, tiny_tokenizer  # noqa: E402
 from sparsezo.errors import SparseZOError  # noqa: E402
 from sparsezo.masks import compute_mask  # noqa: E402
-from sparsezo.quant import (NF4Linear, load_quantized, load_quantized_folder, quantize_model,  # noqa: E402
-                            save_quantized, weight_bytes)
+from sparsezo.quant import NF4Linear  # noqa: E402
+from sparsezo.quant.convert import (load_quantized, load_quantized_folder, quantize_model,  # noqa: E402
+                                    save_quantized, weight_bytes)
 from sparsezo.quant.nf4 import bnb_functional  # noqa: E402
 from sparsezo.zo import TrainableParams, ZOConfig, ZOEngine, step_seed  # noqa: E402
 
@@ -108,7 +109,7 @@ def test_nf4_fine_tune_lowers_the_loss():
 
 
 def test_bad_shapes_and_incomplete_folders_fail_clearly(tmp_path):
-    from sparsezo.models import tiny_llama
+    from sparsezo.testing import tiny_llama
 
     odd = tiny_llama(hidden=24, vocab_size=40)  # k_proj is 12 x 24 = 288 entries: not whole 64-blocks
     mask = compute_mask(odd, "random", 0.1)

@@ -42,7 +42,7 @@ def api_example() -> str:
 def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from sparsezo.models import DEFAULT_MODEL
+    from sparsezo.model.paths import DEFAULT_MODEL
 
     home, assets, work = tmp_path / "home", tmp_path / "assets", tmp_path / "work"
     save_tiny_model(home / "models" / DEFAULT_MODEL)
@@ -69,7 +69,7 @@ def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
 
     from sparsezo.checkpoint import load_delta
     from sparsezo.masks import Mask
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
     from sparsezo.replay import replayed_delta
     from sparsezo.zo import Trajectory
 

@@ -25,7 +25,7 @@ def test_sst2_splits_follow_mezo_protocol(assets):
 
 @pytest.fixture(scope="module")
 def default_model(assets):
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
 
     return load_model(None, dtype="float32")
 

@@ -175,7 +175,7 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(env, capsys, q
     out = env["root"] / f"merged-{quant}"
     assert main(["merge", "--delta", str(run), "--out", str(out)]) == 0
     capsys.readouterr()
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
 
     delta = load_delta(run)
     model, _ = load_model(env["model"], "float32", quant=quant, mask=delta.mask if quant else None)
@@ -218,7 +218,7 @@ def test_theta_layout_is_the_same_for_a_computed_and_a_loaded_mask(tmp_path):
 
 def test_replayed_delta_leaves_the_base_model_untouched(env, capsys):
     from sparsezo.masks import Mask
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
     from sparsezo.replay import replayed_delta
 
     run = env["root"] / "api-replay"

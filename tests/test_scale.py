@@ -16,7 +16,8 @@ from sparsezo.masks import compute_mask
 from sparsezo.masks.sensitive import (_head_parts, calibration_batches, chunked_lm_loss, plan_passes,
                                       squared_gradient_passes)
 from sparsezo.masks.topk import TopK, exact_count
-from sparsezo.models import eligible_parameters, tiny_llama
+from sparsezo.model.params import eligible_parameters
+from sparsezo.testing import tiny_llama
 
 
 def _reference_top(scores: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, list[int]]:
@@ -173,16 +174,16 @@ def test_chunked_lm_loss_and_gradient_match_the_models(softcap):
 
 
 def _folder_tensors(folder):
-    from sparsezo.shards import iter_tensors
+    from sparsezo.model.shards import iter_tensors
 
     return {k: v.clone() for k, v in iter_tensors(folder)}
 
 
 def test_streamed_quantization_equals_in_memory_byte_for_byte(tmp_path):
     from helpers import save_tiny_model
-    from sparsezo.models import load_model
-    from sparsezo.quant import load_quantized, load_quantized_folder, quantize_folder, save_quantized
-    from sparsezo.shards import INDEX
+    from sparsezo.model.load import load_model
+    from sparsezo.quant.convert import load_quantized, load_quantized_folder, quantize_folder, save_quantized
+    from sparsezo.model.shards import INDEX
 
     src = save_tiny_model(tmp_path / "fp32")  # an fp32 checkpoint quantized around bf16 exact entries
     model, tok = load_model(src, "bfloat16")
@@ -209,7 +210,8 @@ def test_streamed_quantization_equals_in_memory_byte_for_byte(tmp_path):
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
 def test_checkpoint_fingerprint_equals_the_loaded_models(tmp_path, tied, dtype):
-    from sparsezo.models import checkpoint_fingerprint, load_model, model_fingerprint
+    from sparsezo.model.load import load_model
+    from sparsezo.model.params import checkpoint_fingerprint, model_fingerprint
 
     model = tiny_llama(vocab_size=len(tiny_tokenizer()), hidden=32, layers=2)
     model.config.tie_word_embeddings = tied
@@ -230,7 +232,7 @@ def test_streamed_merge_leaves_the_base_untouched_and_shards_load(tmp_path):
     from helpers import save_tiny_model
     from sparsezo.checkpoint import Delta
     from sparsezo.export import save_merged
-    from sparsezo.models import load_model
+    from sparsezo.model.load import load_model
     from sparsezo.zo import TrainableParams
 
     model, tok = load_model(save_tiny_model(tmp_path / "base"), "float32")
@@ -253,7 +255,8 @@ def test_streamed_merge_leaves_the_base_untouched_and_shards_load(tmp_path):
 def test_too_small_machine_fails_before_loading_with_the_figure(tmp_path, monkeypatch):
     import sparsezo.resources as res
     from helpers import save_tiny_model
-    from sparsezo.models import load_model, resident_bytes
+    from sparsezo.model.load import load_model
+    from sparsezo.model.memory import resident_bytes
 
     folder = save_tiny_model(tmp_path / "m")  # fp32 on disk: a bf16 load casts (anonymous copies)
     need_bf16, need_fp32 = resident_bytes(folder, "bfloat16"), resident_bytes(folder, "float32")

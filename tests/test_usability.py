@@ -94,7 +94,7 @@ def test_demo_train_and_api_share_one_recipe():
 def test_layers_sort_numerically(tmp_path, capsys):
     assert [k for k, _ in _by_layer({"10": 0, "2": 0, "None": 0, "1": 0})] == ["1", "2", "10", "None"]
     from sparsezo.masks import compute_mask
-    from sparsezo.models import tiny_llama
+    from sparsezo.testing import tiny_llama
 
     path = tmp_path / "m.safetensors"
     compute_mask(tiny_llama(layers=12, hidden=16), "random", 0.05).save(path)
@@ -202,7 +202,7 @@ def test_demo_records_its_settings_and_metrics(tmp_path, monkeypatch, capsys):
     import random
 
     from helpers import FILLER
-    from sparsezo.models import DEFAULT_MODEL
+    from sparsezo.model.paths import DEFAULT_MODEL
 
     save_tiny_model(tmp_path / "home" / "models" / DEFAULT_MODEL)
     write_sst2(tmp_path / "assets" / "data" / "glue" / "SST-2")

@@ -270,7 +270,7 @@ def _check_common(args: argparse.Namespace) -> None:
     if getattr(args, "device", None) is not None:
         _check_device(args.device)
     if getattr(args, "model", None) is not None:
-        from .models import check_model_path
+        from .model.resolve import check_model_path
 
         check_model_path(args.model)  # a Hugging Face folder or a .gguf file (converted once, cached)
 
@@ -300,7 +300,7 @@ def _model_numel(model: str | None) -> int | None:
     """Weights of a model folder, from its safetensors headers (nothing loaded); None if unknown here."""
     from safetensors import safe_open
 
-    from .models import DEFAULT_MODEL, sparsezo_home
+    from .model.paths import DEFAULT_MODEL, sparsezo_home
 
     folder = Path(model) if model else sparsezo_home() / "models" / DEFAULT_MODEL
     total = 0
@@ -355,7 +355,7 @@ def _recorded_path(path: str) -> str:
 
 
 def _load(args: argparse.Namespace):
-    from .models import load_model
+    from .model.load import load_model
 
     return load_model(args.model, args.dtype, args.device)
 
@@ -429,8 +429,8 @@ def _model_and_mask(args: argparse.Namespace, train_split=None):
     in place; a quantized folder brings its own mask.
     """
     from .masks import RULES, Mask
-    from .models import load_model
-    from .quant import quantize_model, quantized_mask
+    from .model.load import load_model
+    from .quant.convert import quantize_model, quantized_mask
 
     mask_file = args.mask not in RULES
     if mask_file and not Path(args.mask).is_file():
@@ -453,8 +453,8 @@ def _model_and_mask(args: argparse.Namespace, train_split=None):
 
 def _eval_model(args: argparse.Namespace, deltas: list):
     """The base model for ``eval``; with --quant, 4-bit around the deltas' mask (or with no exact entries)."""
-    from .models import load_model
-    from .quant import quantize_model
+    from .model.load import load_model
+    from .quant.convert import quantize_model
 
     if not args.quant:
         return _load(args)
@@ -742,7 +742,7 @@ def _eval_settings(args: argparse.Namespace, deltas: list) -> None:
         if getattr(args, key) is None:
             setattr(args, key, recorded.get(key) if recorded.get(key) is not None else default)
     if args.model is not None:
-        from .models import check_model_path
+        from .model.resolve import check_model_path
 
         where = f"base model (recorded in {args.delta[0]}; pass --model DIR to override)" if deltas else "--model"
         check_model_path(args.model, where)
@@ -790,8 +790,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .io import atomic_dir
     from .masks import compute_mask
     from .masks.sensitive import read_texts
-    from .models import load_model
-    from .quant import quantize_model
+    from .model.load import load_model
+    from .quant.convert import quantize_model
     from .recipe import DEMO
     from .scoring import accuracy
     from .tasks import get_task
@@ -863,12 +863,12 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def _delta_base(args: argparse.Namespace, delta):
     """The base model a delta was trained on (its recorded path, dtype and quantization unless overridden)."""
-    from .models import load_model
+    from .model.load import load_model
 
     dtype = args.dtype or delta.meta.get("dtype", "bfloat16")
     model = args.model or delta.meta.get("model")
     if model is not None:
-        from .models import check_model_path
+        from .model.resolve import check_model_path
 
         check_model_path(model, "base model (pass --model DIR or FILE.gguf to override)")
     quant = delta.meta.get("quant")
@@ -934,7 +934,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     if Path(args.out).exists():
         raise SparseZOError(f"--out {args.out} already exists; choose another path or remove it")
     from .io import check_writable
-    from .models import checkpoint_bytes
+    from .model.memory import checkpoint_bytes
     from .resources import memory_report
 
     delta = load_delta(args.delta)
@@ -976,10 +976,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .models import checkpoint_bytes
+    from .model.memory import checkpoint_bytes
 
     from .io import json_field, read_json
-    from .models import DTYPES
+    from .model.params import DTYPES
 
     run = Path(args.run_dir)
     if not (run / "config.json").is_file():
@@ -1024,8 +1024,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     rule, the mask needs the full-precision model, which is then quantized in place and saved."""
     from .io import check_writable
     from .masks import RULES, Mask
-    from .models import DTYPES, checkpoint_bytes, checkpoint_fingerprint, resolve_model_path
-    from .quant import is_quantized_folder, quantize_folder, save_quantized, weight_bytes
+    from .model.memory import checkpoint_bytes
+    from .model.params import DTYPES, checkpoint_fingerprint
+    from .model.resolve import resolve_model_path
+    from .quant.convert import quantize_folder, save_quantized, weight_bytes
+    from .quant.layers import is_quantized_folder
     from .resources import memory_report
 
     _check_common(args)

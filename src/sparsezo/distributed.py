@@ -148,7 +148,7 @@ def check_split(parallel: str, world: int, q: int, batch_size: int | None = None
 def check_consistent(ctx: DistContext, model, params: TrainableParams, cfg, train: list, dev: list,
                      theta: torch.Tensor, opt_state: dict[str, torch.Tensor]) -> None:
     """All ranks must start from the same model, mask, θ (and optimiser state), settings and data."""
-    from .models import model_fingerprint
+    from .model.params import model_fingerprint
 
     def tensor_bytes(*ts: torch.Tensor) -> bytes:
         return b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in ts)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .io import atomic_dir
 from .quant import QUANT_LAYERS
-from .shards import SHARD_BYTES, ShardWriter
+from .model.shards import SHARD_BYTES, ShardWriter
 
 
 def _merged_tensors(model: nn.Module, delta=None) -> Iterator[tuple[str, torch.Tensor]]:

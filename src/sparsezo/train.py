@@ -385,7 +385,7 @@ def fine_tune(
     to it. The result says whether anything was learned (``improved``, see
     :func:`improvement`); when not, a warning says what to try.
     """
-    from .models import model_fingerprint
+    from .model.params import model_fingerprint
 
     cfg.validate()
     if not train or not dev:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import SparseZOError
 from ..io import check_indices, json_field, load_tensors, save_tensors
-from ..models import check_fingerprint
+from ..model.params import check_fingerprint, logical_tensors
 from .topk import TopK, exact_count  # noqa: F401 (exact_count is part of this module's API)
 
 FORMAT = "sparsezo.mask/1"
@@ -109,8 +109,6 @@ class Mask:
         Returns name → (storage, flat indices into it, or None for all of it): the weight itself
         for a dense layer, the exact-values vector of a 4-bit layer built for this mask.
         """
-        from ..models import logical_tensors
-
         tensors = logical_tensors(model)
         for name, shape in self.shapes.items():
             if name not in tensors:

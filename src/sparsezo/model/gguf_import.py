@@ -3,7 +3,7 @@
 On-device users hold their models as GGUF files (llama.cpp, Ollama, LM Studio). transformers'
 own GGUF loader dequantizes the whole model to fp32 first (28 GB for a 7B model), so sparsezo
 converts streaming instead: one tensor is dequantized (``gguf.quants.dequantize``), un-permuted
-where llama.cpp permuted it, cast and handed to a :class:`~sparsezo.shards.ShardWriter`, which
+where llama.cpp permuted it, cast and handed to a :class:`~sparsezo.model.shards.ShardWriter`, which
 holds at most one output shard. The config and tokenizer come from transformers' GGUF metadata
 support (the same mapping ``from_pretrained(gguf_file=...)`` uses), so the folder loads exactly as
 transformers would load the file.
@@ -26,7 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import SparseZOError
+from ..errors import SparseZOError
+from ..io import atomic_dir, write_json
+from .paths import sparsezo_home
+from .shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def cache_folder(sha256: str, dtype: torch.dtype) -> Path:
     """Where the conversion of the GGUF file with this hash, stored in ``dtype``, is cached."""
-    from .models import sparsezo_home
-
     return sparsezo_home() / "gguf" / f"{sha256}-{_DTYPE_NAMES[dtype]}"
 
 
@@ -136,9 +137,6 @@ def convert_gguf(src: str | os.PathLike, target: str | os.PathLike, dtype: torch
     from gguf.quants import dequantize
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
-
-    from .io import atomic_dir, write_json
-    from .shards import ShardWriter
 
     src, target = Path(src), Path(target)
     parsed = _parsed_metadata(src)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import SparseZOError
+from ..errors import SparseZOError
 
 SHARD_BYTES = 1 << 30
 INDEX = "model.safetensors.index.json"

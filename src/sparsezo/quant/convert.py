@@ -31,44 +31,12 @@ from tqdm import tqdm
 from ..errors import SparseZOError
 from ..io import atomic_dir
 from ..masks import Mask
-from ..shards import SHARD_BYTES, ShardWriter, iter_tensors, tensor_shapes
-from .int4 import GROUP, Int4Linear
-from .nf4 import NF4Linear
+from ..model.params import eligible_parameters
+from ..model.shards import SHARD_BYTES, ShardWriter, iter_tensors, tensor_shapes
+from .int4 import GROUP
+from .layers import FORMATS, QUANT_FILE, QUANT_LAYERS, from_linear, new_layer, quant_kind, skeleton
 
 log = logging.getLogger(__name__)
-
-QUANT_FILE = "sparsezo_quant.json"
-FORMAT = "sparsezo.nf4/1"
-FORMATS = {"nf4": FORMAT, "int4": "sparsezo.int4/1"}
-QUANT_TYPES = tuple(FORMATS)
-QUANT_LAYERS = (NF4Linear, Int4Linear)  # isinstance() of "a 4-bit layer" (export, fingerprints, masks)
-
-
-def new_layer(quant: str, in_features: int, out_features: int, dtype: torch.dtype, k: int, bias: bool,
-              nested: bool = True) -> nn.Module:
-    """An empty 4-bit layer of kind ``quant`` (``nested``: NF4's double quantization)."""
-    if quant == "nf4":
-        return NF4Linear(in_features, out_features, dtype, k, nested, bias)
-    if quant == "int4":
-        return Int4Linear(in_features, out_features, dtype, k, GROUP, bias)
-    raise SparseZOError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
-
-
-def layer_bytes(quant: str, numel: int, k: int) -> int:
-    """Bytes a 4-bit layer of ``numel`` weights with ``k`` exact entries holds (bf16 compute dtype)."""
-    if quant == "int4":  # codes + bf16 scale and zero per group + index, value and 4-bit value per entry
-        return numel // 2 + numel // GROUP * 4 + 14 * k
-    return numel // 2 + numel // 64 + 10 * k
-
-
-def _from_linear(quant: str, weight: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor | None,
-                 dtype: torch.dtype, nested: bool) -> nn.Module:
-    if quant == "nf4":
-        return NF4Linear.from_linear(weight, bias, idx, dtype, nested)
-    if quant == "int4":
-        return Int4Linear.from_linear(weight, bias, idx, dtype, GROUP)
-    raise SparseZOError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
-
 
 def _module_name(weight_name: str) -> str:
     if not weight_name.endswith(".weight"):
@@ -88,8 +56,6 @@ def quantize_model(model: nn.Module, mask: Mask | None = None, nested: bool = Tr
     Without a mask, every eligible linear is quantized with no exact entries (a plain 4-bit base).
     """
     if mask is None:
-        from ..models import eligible_parameters
-
         params = eligible_parameters(model)
         mask = Mask({n: torch.empty(0, dtype=torch.int64) for n in params}, {n: tuple(p.shape) for n, p in params.items()},
                     {"rule": "none", "density": 0.0})
@@ -99,7 +65,7 @@ def quantize_model(model: nn.Module, mask: Mask | None = None, nested: bool = Tr
         lin = model.get_submodule(_module_name(wname))
         if not isinstance(lin, nn.Linear):
             raise SparseZOError(f"{wname} belongs to a {type(lin).__name__}, not a Linear layer; it cannot be quantized")
-        _swap(model, _module_name(wname), _from_linear(quant, lin.weight, lin.bias, idx, lin.weight.dtype, nested))
+        _swap(model, _module_name(wname), from_linear(quant, lin.weight, lin.bias, idx, lin.weight.dtype, nested))
     model.sparsezo_quant = {"mask": mask.meta}
     return model
 
@@ -116,16 +82,6 @@ def _shells(model: nn.Module, mask: Mask, dtype: torch.dtype, nested: bool, has_
         shells[wname].idx.copy_(idx)
         _swap(model, mname, shells[wname])
     return shells
-
-
-def _skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
-    """The model's modules with parameters on the meta device (buffers real), no weights loaded."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder)
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _finish(model: nn.Module, folder: Path) -> nn.Module:
@@ -172,7 +128,7 @@ def load_quantized(folder: str | os.PathLike, mask: Mask, dtype: torch.dtype = t
     """
     folder = Path(folder)
     keys = set(tensor_shapes(folder))
-    model = _skeleton(folder, dtype)
+    model = skeleton(folder, dtype)
     shells = _shells(model, mask, dtype, nested, keys, quant)
     for key, t in tqdm(iter_tensors(folder), total=len(keys), desc="load+quantize", unit="tensor", leave=False):
         if key in shells:
@@ -205,11 +161,7 @@ def save_quantized(model: nn.Module, tokenizer, folder: str | os.PathLike, mask:
             writer.add(k, v)
         writer.close()
         _write_record(tmp, {n: _layer_info(m, m.bias is not None) for n, m in layers.items()}, first.dtype,
-                      getattr(first, "nested", False), mask, _kind(first))
-
-
-def _kind(layer: nn.Module) -> str:
-    return "int4" if isinstance(layer, Int4Linear) else "nf4"
+                      getattr(first, "nested", False), mask, quant_kind(first))
 
 
 def _layer_info(m: nn.Module, bias: bool) -> dict:
@@ -238,7 +190,7 @@ def quantize_folder(src: str | os.PathLike, mask: Mask, out: str | os.PathLike, 
     if mask.is_full:
         raise SparseZOError("full ZO trains every weight, so nothing can be quantized; use a sparse mask with --quant")
     shapes = tensor_shapes(src)
-    skeleton = _skeleton(src, dtype)  # meta device: names and shapes only, to check the mask against
+    empty = skeleton(src, dtype)  # meta device: names and shapes only, to check the mask against
     for wname, shape in mask.shapes.items():
         if wname not in shapes:
             raise SparseZOError(f"the mask names {wname}, which the checkpoint in {src} does not have; "
@@ -253,12 +205,12 @@ def quantize_folder(src: str | os.PathLike, mask: Mask, out: str | os.PathLike, 
         for key, t in tqdm(iter_tensors(src), total=len(shapes), desc="quantize", unit="tensor", leave=False):
             if key in mask.indices:
                 mname = _module_name(key)
-                layer = _from_linear(quant, t, None, mask.indices[key], dtype, nested)
+                layer = from_linear(quant, t, None, mask.indices[key], dtype, nested)
                 for bname, b in layer.named_buffers():
                     writer.add(f"{mname}.{bname}", b)
                     sizes["quantized"] += b.numel() * b.element_size()
                 layers[mname] = _layer_info(layer, f"{mname}.bias" in shapes)
-            elif _known(skeleton, key):
+            elif _known(empty, key):
                 writer.add(key, t.to(dtype))
                 sizes["dense"] += t.numel() * dtype.itemsize
             del t
@@ -269,10 +221,6 @@ def quantize_folder(src: str | os.PathLike, mask: Mask, out: str | os.PathLike, 
         AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
         _write_record(tmp, layers, dtype, nested and quant == "nf4", mask, quant)
     return dict(sizes, total=sizes["quantized"] + sizes["dense"])
-
-
-def is_quantized_folder(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / QUANT_FILE).is_file()
 
 
 @torch.no_grad()
@@ -292,7 +240,7 @@ def load_quantized_folder(folder: str | os.PathLike) -> nn.Module:
                             f"{record.get('blocksize')}), expected one of {sorted(FORMATS.values())} (int4 with groups of "
                             f"{GROUP}); re-create the folder with sparsezo quantize")
     dtype = getattr(torch, record["dtype"])
-    model = _skeleton(folder, dtype)
+    model = skeleton(folder, dtype)
     for name, info in record["layers"].items():
         out_f, in_f = info["shape"]
         _swap(model, name, new_layer(quant, in_f, out_f, dtype, info["k"], info["bias"], record["nested"]))
@@ -332,7 +280,3 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
             else:
                 dense += t.numel() * t.element_size()
     return {"quantized": quant, "dense": dense, "total": quant + dense}
-
-
-__all__ = ["Int4Linear", "NF4Linear", "QUANT_LAYERS", "QUANT_TYPES", "layer_bytes", "new_layer", "is_quantized_folder", "load_quantized", "load_quantized_folder",
-           "quantize_folder", "quantize_model", "quantized_mask", "save_quantized", "weight_bytes"]
