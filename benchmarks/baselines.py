@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sparsezo.errors import SparseZOError
-from sparsezo.evaluate import evaluate
+from sparsezo.eval.evaluate import evaluate
 from sparsezo.io import write_json, write_text
 from sparsezo.tasks import TASKS, get_task
 from sparsezo.tasks.icl import with_demonstrations

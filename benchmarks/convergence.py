@@ -97,7 +97,7 @@ class Cell:
         return CELLS / self.model / name
 
     def spec(self) -> dict:
-        from sparsezo.train import probe_rule
+        from sparsezo.training.lr_probe import probe_rule
 
         t = TASKS[self.task]
         # an auto cell's lr depends on the probe's rule: a cell probed under another one is stale
@@ -173,7 +173,7 @@ def sensitive_mask(model, tok, name: str, density: float = DENSITY):
 
 
 def test_accuracy(model, tok, task: str, examples: list) -> float:
-    from sparsezo.evaluate import evaluate
+    from sparsezo.eval.evaluate import evaluate
     from sparsezo.tasks import get_task
 
     return evaluate(model, tok, get_task(task), examples, batch_size=32)["value"]
@@ -196,7 +196,9 @@ def zero_shot(cell: Cell, model, tok, test: list) -> float:
 def run_cell(cell: Cell, model, tok, mask) -> dict:
     import torch
 
-    from sparsezo.train import TrainConfig, fine_tune
+    from sparsezo.training.config import TrainConfig
+
+    from sparsezo.training.loop import fine_tune
     from sparsezo.zo import OPTIMIZERS, TrainableParams, ZOConfig
     from sparsezo.zo.registry import forwards_per_step
 
@@ -221,7 +223,7 @@ def run_cell(cell: Cell, model, tok, mask) -> dict:
     curve = [{"step": r["step"], "forwards": extra + r["step"] * fps, "dev": r["dev_accuracy"]}
              for r in res.history if "dev_accuracy" in r]
     state_bytes = 4 * params.numel * len(OPTIMIZERS[cell.optimizer].state_names)
-    return {"spec": cell.spec(), "lr_used": cfg.zo.lr, "probe_forwards": extra, "steps": steps,
+    return {"spec": cell.spec(), "lr_used": res.lr, "probe_forwards": extra, "steps": steps,
             "forwards_per_step": fps, "best_dev": res.best_dev, "best_step": res.best_step,
             "start_dev": res.start_dev, "improved": res.improved, "curve": curve, "test_zero_shot": test0,
             "test": test, "seconds": round(seconds, 1), "sec_per_step": round(seconds / steps, 3),

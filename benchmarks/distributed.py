@@ -30,10 +30,10 @@ def worker(args: argparse.Namespace) -> None:
     """One process of a configuration; rank 0 (or the lone process) writes the measurements to ``--result``."""
     import torch
 
-    from sparsezo.distributed import DistributedEngine, init_from_env
+    from sparsezo.training.distributed import DistributedEngine, init_from_env
     from sparsezo.masks import compute_mask
     from sparsezo.model.load import load_model
-    from sparsezo.scoring import batch_loss, encode, make_batch
+    from sparsezo.eval.scoring import batch_loss, encode, make_batch
     from sparsezo.tasks import get_task
     from sparsezo.zo import TrainableParams, ZOConfig, ZOEngine
 

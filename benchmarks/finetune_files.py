@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from sparsezo.checkpoint import load_delta
-from sparsezo.export import save_merged
+from sparsezo.training.checkpoint import load_delta
+from sparsezo.export.hf import save_merged
 from sparsezo.masks import Mask
 from sparsezo.model.load import load_model
 from sparsezo.model.memory import checkpoint_bytes
-from sparsezo.replay import replayed_delta
+from sparsezo.training.replay import replayed_delta
 from sparsezo.zo import Trajectory
 
 

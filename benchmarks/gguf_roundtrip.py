@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsezo.checkpoint import load_delta
+from sparsezo.training.checkpoint import load_delta
 from sparsezo.cli import main as sparsezo
 from sparsezo.io import write_json
 from sparsezo.model.load import load_model
 from sparsezo.model.paths import DEFAULT_MODEL, fetch_default_gguf, sparsezo_home
-from sparsezo.scoring import accuracy, encode, predict
+from sparsezo.eval.scoring import accuracy, encode, predict
 from sparsezo.tasks import get_task
 
 PROMPTS = ["The movie was a delight from start to finish. It was",
@@ -97,7 +97,7 @@ def update_survival(model, base_model, delta, kind: str) -> dict[str, float]:
     from the base's stored value, and the stored change's mean size relative to the trained change."""
     import gguf
 
-    from sparsezo.export_gguf import TYPES
+    from sparsezo.export.gguf import TYPES
 
     qtype = gguf.GGMLQuantizationType[TYPES[kind][0]]
 

@@ -21,7 +21,7 @@ from sparsezo.masks import Mask, compute_mask
 from sparsezo.model.load import load_model
 from sparsezo.quant.convert import load_quantized, weight_bytes
 from sparsezo.resources import peak_memory_bytes
-from sparsezo.scoring import batch_loss, encode, make_batch
+from sparsezo.eval.scoring import batch_loss, encode, make_batch
 from sparsezo.tasks import get_task
 from sparsezo.zo import TrainableParams, ZOConfig, ZOEngine
 

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsezo.io import RunLock, atomic_path, read_json, write_json, write_text
+from sparsezo.io import atomic_path, read_json, write_json, write_text
+from sparsezo.training.rundir import RunLock
 from stats import paired
 
 # ----------------------------------------------------------------------------- the grid
@@ -163,7 +164,7 @@ class Cell:
             method = {k: v for k, v in asdict(METHODS[self.method]).items() if k not in ("lrs", "scope")}
             s.update(method, budget=t.budget, batch=BATCH, eps=EPS, evals=EVALS)
             if method["lr_auto"]:  # the probe's rule: a cell probed under another one is stale
-                from sparsezo.train import probe_rule
+                from sparsezo.training.lr_probe import probe_rule
 
                 s["probe"] = probe_rule()
         return json.loads(json.dumps(s))  # as stored: tuples become lists
@@ -312,12 +313,13 @@ def mask_for(store: Store, method: Method, seed: int, model, tok):
 def run_cell(store: Store, cell: Cell) -> dict:
     import torch
 
-    from sparsezo.evaluate import evaluate
+    from sparsezo.eval.evaluate import evaluate
     from sparsezo.model.load import load_model
     from sparsezo.quant.convert import quantize_model
     from sparsezo.tasks import get_task
     from sparsezo.tasks.icl import with_demonstrations
-    from sparsezo.train import TrainConfig, fine_tune
+    from sparsezo.training.config import TrainConfig
+    from sparsezo.training.loop import fine_tune
     from sparsezo.zo import TrainableParams, ZOConfig
     from sparsezo.zo.registry import forwards_per_step
 
@@ -346,7 +348,7 @@ def run_cell(store: Store, cell: Cell) -> dict:
     probe = res.lr_probe["forwards"] if res.lr_probe else 0
     curve = [{"step": r["step"], "forwards": probe + r["step"] * fps, "dev": r["dev_accuracy"]}
              for r in res.history if "dev_accuracy" in r]
-    return {"lr_used": cfg.zo.lr, "probe_forwards": probe, "steps": steps, "forwards_per_step": fps,
+    return {"lr_used": res.lr, "probe_forwards": probe, "steps": steps, "forwards_per_step": fps,
             "num_trainable": mask.num_trainable, "best_step": res.best_step, "best_dev": res.best_dev,
             "start_dev": res.start_dev, "improved": res.improved,
             "dev_auc": float(np.mean([c["dev"] for c in curve[1:]])), "curve": curve, "test_accuracy": test,
@@ -393,7 +395,7 @@ def plan(store: Store) -> dict:
     import torch
 
     from sparsezo.model.load import load_model
-    from sparsezo.train import PROBE_SHARE
+    from sparsezo.training.lr_probe import PROBE_SHARE
     from sparsezo.zo.registry import forwards_per_step
 
     torch.set_num_threads(1)

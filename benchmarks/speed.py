@@ -127,7 +127,7 @@ def part_7b(model_dir: str, mask_file: str, bases: list[str], shapes: list[tuple
 
 def part_padding(batch_size: int) -> dict:
     from sparsezo.model.load import load_model
-    from sparsezo.scoring import padding_fraction
+    from sparsezo.eval.scoring import padding_fraction
     from sparsezo.tasks import get_task
 
     _, tok = load_model()  # the default model's tokenizer

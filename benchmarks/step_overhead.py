@@ -17,7 +17,7 @@ import torch
 
 from sparsezo.masks import compute_mask
 from sparsezo.model.load import load_model
-from sparsezo.scoring import batch_loss, encode, make_batch
+from sparsezo.eval.scoring import batch_loss, encode, make_batch
 from sparsezo.tasks import get_task
 from sparsezo.zo import TrainableParams, ZOConfig, ZOEngine
 

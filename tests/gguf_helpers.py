@@ -41,7 +41,7 @@ def write_tiny_gguf(path: Path, model, tokenizer, qtypes: dict[str, str] | None 
     (first match wins; default F32). Q/K rows are permuted as llama.cpp does for its rope layout."""
     import gguf
 
-    from sparsezo.export_gguf import _add_hf_tokenizer
+    from sparsezo.export.gguf import _add_hf_tokenizer
 
     cfg = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)

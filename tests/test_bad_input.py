@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import save_tiny_model, write_jsonl, write_sst2
 from sparsezo.cli import main
-from sparsezo.io import RunLock
+from sparsezo.training.rundir import RunLock
 
 DATA = ["--dtype", "float32", "--num-train", "64", "--num-dev", "16", "--num-test", "16"]
 ZO = ["--mask", "random", "--density", "0.05", "--lr", "3e-3", "--eps", "1e-3", "--eval-every", "4"]
@@ -54,7 +54,7 @@ def env(tmp_path_factory):
     assert main(["train", *e["base"], *ZO, "--steps", "8", "--checkpoint-every", "2", "--out", str(done)]) == 0
     e["done"] = done
 
-    import sparsezo.train as train_mod
+    import sparsezo.training.loop as train_mod
 
     real = train_mod.save_checkpoint
     seen = []
@@ -546,12 +546,12 @@ def test_the_table_covers_every_category():
 
 # ----------------------------------------------------------------------------- behaviour beyond one error line
 def test_an_internal_bug_keeps_its_traceback_and_says_so(env, monkeypatch, capsys):
-    import sparsezo.cli as cli
+    import sparsezo.cli.info as cli_info
 
     def broken(args):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(cli, "cmd_info", broken)
+    monkeypatch.setattr(cli_info, "run", broken)
     assert main(["info", str(env["done"])]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "ZeroDivisionError: boom" in err and "this is a bug in sparsezo" in err
@@ -561,12 +561,12 @@ def test_an_internal_bug_keeps_its_traceback_and_says_so(env, monkeypatch, capsy
 def test_an_os_error_anywhere_is_one_line(env, monkeypatch, capsys):
     import errno
 
-    import sparsezo.cli as cli
+    import sparsezo.cli.info as cli_info
 
     def full(args):
         raise OSError(errno.ENOSPC, "No space left on device", "/data/out/x")
 
-    monkeypatch.setattr(cli, "cmd_info", full)
+    monkeypatch.setattr(cli_info, "run", full)
     assert main(["info", str(env["done"])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["sparsezo: error: cannot access /data/out/x (No space left on device); the disk is full: free "
@@ -602,7 +602,7 @@ def test_diverged_theta_stops_and_keeps_the_last_good_checkpoint(env, tmp_path, 
 
 
 def test_checkpoints_record_mask_and_model_and_refuse_others(env):
-    from sparsezo.checkpoint import check_resumable, load_checkpoint
+    from sparsezo.training.checkpoint import check_resumable, load_checkpoint
     from sparsezo.masks import Mask
     from sparsezo.model.load import load_model
     from sparsezo.model.params import model_fingerprint
@@ -624,7 +624,7 @@ def test_checkpoints_record_mask_and_model_and_refuse_others(env):
 
 
 def test_a_delta_with_nan_values_is_never_written(env, tmp_path):
-    from sparsezo.checkpoint import load_delta
+    from sparsezo.training.checkpoint import load_delta
 
     delta = load_delta(env["done"])
     name = next(iter(delta.values))

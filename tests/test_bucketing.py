@@ -3,7 +3,7 @@
 import torch
 
 from helpers import sentences, tiny_model, tiny_tokenizer
-from sparsezo.scoring import eval_chunks, encode, padding_fraction, predict
+from sparsezo.eval.scoring import eval_chunks, encode, padding_fraction, predict
 from sparsezo.tasks import Example
 
 

@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from helpers import save_tiny_model, sentences, tiny_model, tiny_tokenizer, write_sst2
-from sparsezo.checkpoint import load_checkpoint
+from sparsezo.training.checkpoint import load_checkpoint
 from sparsezo.cli import main
 from sparsezo.masks import compute_mask
 from sparsezo.tasks import Example
-from sparsezo.train import PROBE_BACKOFF, PROBE_SHARE, TrainConfig, choose_lr, fine_tune, improvement
+from sparsezo.training.config import TrainConfig
+from sparsezo.training.loop import fine_tune, improvement
+from sparsezo.training.lr_probe import PROBE_BACKOFF, PROBE_SHARE, choose_lr
 from sparsezo.zo import TrainableParams, Trajectory, ZOConfig, ZOEngine, sample
 from sparsezo.zo.registry import forwards_per_step
 from sparsezo.zo.sgd import SGD
@@ -219,7 +221,7 @@ def test_lr_auto_picks_a_sane_lr_within_its_forward_cap():
                       zo=ZOConfig(lr=1e-4, eps=1e-3))
     res = fine_tune(model, tok, params, _examples(128, 1), _examples(64, 2), cfg, progress=False)
     probe = res.lr_probe
-    assert probe["probe_best_lr"] in (1e-3, 3e-2, 1.0) and cfg.zo.lr == probe["lr"]
+    assert probe["probe_best_lr"] in (1e-3, 3e-2, 1.0) and res.lr == probe["lr"]
     assert probe["lr"] == pytest.approx(probe["probe_best_lr"] / PROBE_BACKOFF)  # short probes overrate large lrs
     assert probe["dev_loss"][grid.index(probe["probe_best_lr"])] < probe["start_dev_loss"]
     assert probe["forwards"] <= PROBE_SHARE * 400 * forwards_per_step("sgd", 1) == probe["cap_forwards"]
@@ -240,7 +242,7 @@ def test_lr_auto_takes_the_lowest_dev_loss_backed_off_or_the_centre_when_none_lo
 
 def test_lr_auto_warns_and_trains_at_the_grid_centre_when_no_candidate_lowers_the_dev_loss(monkeypatch, caplog):
     calls = iter(range(10**6))  # every dev-loss measurement after the start one is higher: no candidate helps
-    monkeypatch.setattr("sparsezo.train.batch_loss", lambda *a, **k: 1.0 + next(calls))
+    monkeypatch.setattr("sparsezo.training.lr_probe.batch_loss", lambda *a, **k: 1.0 + next(calls))
     model, tok = tiny_model(), tiny_tokenizer()
     params = TrainableParams(model, compute_mask(model, "full"))
     cfg = TrainConfig(steps=400, batch_size=16, eval_every=100, lr_auto=True, lr_grid=(1e-4, 1e-3, 1e-2),
@@ -248,7 +250,7 @@ def test_lr_auto_warns_and_trains_at_the_grid_centre_when_no_candidate_lowers_th
     with caplog.at_level(logging.WARNING, logger="sparsezo"):
         res = fine_tune(model, tok, params, _examples(128, 1), _examples(64, 2), cfg, progress=False)
     assert res.lr_probe["choice"] == "no-signal" and res.lr_probe["probe_best_lr"] == 1e-4
-    assert res.lr_probe["lr"] == cfg.zo.lr == 1e-3  # the centre, not the smallest ÷ backoff (1e-5)
+    assert res.lr_probe["lr"] == res.lr == 1e-3  # the centre, not the smallest ÷ backoff (1e-5)
     assert any("no candidate lr" in r.getMessage() and "grid's centre, lr 0.001" in r.getMessage()
                for r in caplog.records)
 
@@ -262,7 +264,7 @@ def test_lr_auto_on_a_run_too_short_to_probe_trains_at_the_centre_of_its_measure
     probe = res.lr_probe
     assert probe["choice"] == "short-run" and probe["steps_each"] == 0 and probe["g2"] > 0
     assert probe["candidates"] == list(SGD.lr_grid(params.numel, probe["g2"]))  # centred on the measured g²
-    assert cfg.zo.lr == probe["lr"] == probe["candidates"][2]  # the middle of the half-decade grid
+    assert res.lr == probe["lr"] == probe["candidates"][2]  # the middle of the half-decade grid
     assert probe["forwards"] == 16 and any("too few to try" in r.getMessage() for r in caplog.records)
     assert res.steps == 60 and all(r["lr"] == probe["lr"] for r in res.history if "loss" in r)
 
@@ -305,9 +307,9 @@ def test_lr_auto_resumes_with_the_probed_lr_without_probing_again(tmp_path, monk
         run(tmp_path, kill_at=150)
     state = load_checkpoint(tmp_path)
     assert state.step == 140 and state.history[0]["lr_auto"] == ref.lr_probe
-    monkeypatch.setattr("sparsezo.train.probe_lr", lambda *a, **k: pytest.fail("probed again on resume"))
+    monkeypatch.setattr("sparsezo.training.loop.probe_lr", lambda *a, **k: pytest.fail("probed again on resume"))
     resumed, res, cfg = run(tmp_path, resume=state)
-    assert cfg.zo.lr == ref.lr_probe["lr"] and res.lr_probe == ref.lr_probe
+    assert res.lr == ref.lr_probe["lr"] and res.lr_probe == ref.lr_probe
     assert resumed.theta.numpy().tobytes() == full.theta.numpy().tobytes()
 
 
@@ -326,8 +328,9 @@ def test_sgd_grid_is_centred_on_the_measured_g2_and_falls_back_to_the_size_rule(
 
 
 def test_projected_g2_is_the_mean_squared_slope_at_theta0_and_changes_nothing():
-    from sparsezo.scoring import batch_loss, encode, make_batch
-    from sparsezo.train import PROBE_G2_QUERIES, batch_indices, projected_g2
+    from sparsezo.eval.scoring import batch_loss, encode, make_batch
+    from sparsezo.training.batches import batch_indices
+    from sparsezo.training.lr_probe import PROBE_G2_QUERIES, projected_g2
     from sparsezo.zo import step_seed
 
     model, tok = tiny_model(dtype=torch.bfloat16), tiny_tokenizer()
@@ -352,7 +355,7 @@ def test_projected_g2_is_the_mean_squared_slope_at_theta0_and_changes_nothing():
 
 
 def test_lr_auto_without_a_grid_centres_it_on_g2_and_counts_its_forwards():
-    from sparsezo.train import PROBE_G2_QUERIES
+    from sparsezo.training.lr_probe import PROBE_G2_QUERIES
     from sparsezo.zo.registry import OPTIMIZERS
 
     model, tok = tiny_model(), tiny_tokenizer()

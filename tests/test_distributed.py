@@ -19,13 +19,15 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from helpers import save_tiny_model, sentences, tiny_model, tiny_tokenizer, write_sst2
-from sparsezo.checkpoint import load_delta
-from sparsezo.cli import _train_argv, build_parser
-from sparsezo.distributed import DistContext, init_from_env
+from sparsezo.training.checkpoint import load_delta
+from sparsezo.cli import build_parser
+from sparsezo.cli.train import train_argv
+from sparsezo.training.distributed import DistContext, init_from_env
 from sparsezo.errors import SparseZOError
 from sparsezo.masks import compute_mask
 from sparsezo.tasks import Example
-from sparsezo.train import TrainConfig, fine_tune
+from sparsezo.training.config import TrainConfig
+from sparsezo.training.loop import fine_tune
 from sparsezo.zo import TrainableParams, ZOConfig
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -82,7 +84,7 @@ def test_data_shards_partition_the_batch_in_order():
 def test_relaunch_command_line_parses_back_to_the_same_arguments(env):
     argv = _args(env, "out", "--nproc", "2", "--parallel", "query", "--keep-last", "--seq-len", "64")
     args = build_parser().parse_args(argv)
-    assert vars(build_parser().parse_args(_train_argv(args))) == vars(args)
+    assert vars(build_parser().parse_args(train_argv(args))) == vars(args)
 
 
 def test_query_split_is_checked_before_any_process_starts(env, capsys):

@@ -53,9 +53,11 @@ def test_fused_losses_equal_two_separate_forwards(monkeypatch, dtype, quant, tol
 
 
 def test_fused_training_follows_the_unfused_one_and_replays_exactly():
-    from sparsezo.replay import replay_params
+    from sparsezo.training.replay import replay_params
     from sparsezo.tasks import Example
-    from sparsezo.train import TrainConfig, fine_tune, trajectory_meta
+    from sparsezo.training.config import TrainConfig
+    from sparsezo.training.loop import fine_tune
+    from sparsezo.training.rundir import trajectory_meta
 
     tok = tiny_tokenizer()
     ex = lambda n, s: [Example(f"{t} It was", [" terrible", " great"], y) for y, t in sentences(n, s)]  # noqa: E731
@@ -82,7 +84,8 @@ def test_fused_pm_auto_fuses_small_batches_on_a_4bit_base_only(monkeypatch, quan
     trajectories to the matching explicit setting, and fused ones differ from unfused by rounding)."""
     from sparsezo import train as train_mod
     from sparsezo.tasks import Example
-    from sparsezo.train import TrainConfig, fine_tune
+    from sparsezo.training.config import TrainConfig
+    from sparsezo.training.loop import fine_tune
 
     monkeypatch.setattr(int4, "_compiled", lambda *key: None)
     monkeypatch.setattr(int4, "_compiled_dequant", lambda *key: None)

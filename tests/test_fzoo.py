@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from helpers import tiny_model, tiny_tokenizer
-from sparsezo.checkpoint import load_checkpoint
+from sparsezo.training.checkpoint import load_checkpoint
 from sparsezo.cli import main
 from sparsezo.errors import SparseZOError
 from sparsezo.masks import compute_mask
-from sparsezo.train import TrainConfig, fine_tune
+from sparsezo.training.config import TrainConfig
+from sparsezo.training.loop import fine_tune
 from sparsezo.zo import TrainableParams, Trajectory, ZOConfig, ZOEngine, sample
 from sparsezo.zo.fzoo import FZOO
 from sparsezo.zo.registry import forwards_per_step

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from helpers import sentences, tiny_model, tiny_tokenizer
-from sparsezo.evaluate import evaluate
-from sparsezo.generation import clean_answer, generate, stop_token_ids
+from sparsezo.eval.evaluate import evaluate
+from sparsezo.eval.generation import clean_answer, generate, stop_token_ids
 from sparsezo.masks import compute_mask
-from sparsezo.metrics import accuracy, exact_match, f1_score, normalize_answer
+from sparsezo.eval.metrics import accuracy, exact_match, f1_score, normalize_answer
 from sparsezo.tasks import Example, get_task
-from sparsezo.train import TrainConfig, fine_tune
+from sparsezo.training.config import TrainConfig
+from sparsezo.training.loop import fine_tune
 from sparsezo.zo import TrainableParams, ZOConfig
 
 

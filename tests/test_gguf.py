@@ -140,7 +140,7 @@ def run(tiny, tmp_path_factory):
 
 def _merged(run_dir, apply: bool = True):
     """sparsezo's own merged model in fp32: the run's base with the delta applied (or not), and its tokenizer."""
-    from sparsezo.checkpoint import load_delta
+    from sparsezo.training.checkpoint import load_delta
     from sparsezo.model.load import load_model
 
     delta = load_delta(run_dir)
@@ -207,7 +207,7 @@ def test_export_gguf_from_a_hf_base_and_back(tmp_path, monkeypatch, model_type):
     sparsezo's own GGUF import of the export gives the base's weights back."""
     from transformers import AutoTokenizer
 
-    from sparsezo.export_gguf import export_gguf
+    from sparsezo.export.gguf import export_gguf
     from sparsezo.model.load import load_model
 
     monkeypatch.setenv("SPARSEZO_HOME", str(tmp_path / "home"))

@@ -8,7 +8,7 @@ from helpers import WORDS, tiny_tokenizer
 from sparsezo.masks import compute_mask
 from sparsezo.testing import tiny_llama
 from sparsezo.quant import Int4Linear
-from sparsezo.quant.convert import (load_quantized, load_quantized_folder, quantize_folder, quantize_model,
+from sparsezo.quant.convert import load_quantized, load_quantized_folder, quantize_folder, quantize_model,
                                     quantized_mask, save_quantized)
 from sparsezo.quant import int4
 from sparsezo.zo import TrainableParams, ZOConfig, ZOEngine, step_seed
@@ -113,7 +113,7 @@ def test_compiled_amx_matmul_matches_the_eager_kernel():
 def test_int4_folders_stream_save_and_merge_like_in_place_quantization(eager, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from sparsezo.export import save_merged
+    from sparsezo.export.hf import save_merged
 
     src = tmp_path / "m"
     _model(torch.float32).save_pretrained(src)

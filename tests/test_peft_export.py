@@ -18,7 +18,7 @@ OUTLIER = "model.layers.1.mlp.down_proj.weight"
 def _delta(model, density=0.05, seed=3, include=None, outlier=False):
     """A global random mask (uneven entries per layer) with trained values θ + noise; ``outlier`` makes one
     layer far denser than the rest, as a global sensitive mask does (SmolLM2: 21,506 entries in one layer)."""
-    from sparsezo.checkpoint import Delta
+    from sparsezo.training.checkpoint import Delta
     from sparsezo.masks import compute_mask
     from sparsezo.zo import TrainableParams
 
@@ -38,7 +38,7 @@ def test_peft_loads_the_adapter_and_matches_the_merged_model(tmp_path, dtype, ou
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from sparsezo.export_peft import export_peft
+    from sparsezo.export.peft import export_peft
     from sparsezo.model.load import load_model
     from sparsezo.model.params import DTYPES
 
@@ -91,7 +91,7 @@ def test_cli_export_peft_and_what_shira_cannot_carry(tmp_path, capsys):
 
 
 def test_rank_plan_stores_an_outlier_whole_instead_of_padding_every_layer():
-    from sparsezo.export_peft import plan_rank
+    from sparsezo.export.peft import plan_rank
 
     dims = {f"l{k}": (576, 1536) for k in range(30)}
     counts = {f"l{k}": 500 for k in range(29)} | {"l29": 21506}  # needs r = 1 vs r = 11
@@ -101,7 +101,7 @@ def test_rank_plan_stores_an_outlier_whole_instead_of_padding_every_layer():
 
 
 def test_padding_positions_are_free_and_deterministic():
-    from sparsezo.export_peft import _padding
+    from sparsezo.export.peft import _padding
 
     idx = torch.tensor([0, 1, 2, 5, 9])
     pad = _padding(idx, 20, 9)

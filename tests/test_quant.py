@@ -10,7 +10,7 @@ from helpers import save_tiny_model, sentences, tiny_model, tiny_tokenizer  # no
 from sparsezo.errors import SparseZOError  # noqa: E402
 from sparsezo.masks import compute_mask  # noqa: E402
 from sparsezo.quant import NF4Linear  # noqa: E402
-from sparsezo.quant.convert import (load_quantized, load_quantized_folder, quantize_model,  # noqa: E402
+from sparsezo.quant.convert import load_quantized, load_quantized_folder, quantize_model,  # noqa: E402
                                     save_quantized, weight_bytes)
 from sparsezo.quant.nf4 import bnb_functional  # noqa: E402
 from sparsezo.zo import TrainableParams, ZOConfig, ZOEngine, step_seed  # noqa: E402
@@ -92,9 +92,10 @@ def test_weight_bytes_match_the_expected_count():
 
 
 def test_nf4_fine_tune_lowers_the_loss():
-    from sparsezo.scoring import batch_loss, encode, make_batch
+    from sparsezo.eval.scoring import batch_loss, encode, make_batch
     from sparsezo.tasks import Example
-    from sparsezo.train import TrainConfig, fine_tune
+    from sparsezo.training.config import TrainConfig
+    from sparsezo.training.loop import fine_tune
 
     model, tok = tiny_model(dtype=DT), tiny_tokenizer()
     mask = compute_mask(model, "magnitude-large", 0.2)

@@ -67,10 +67,10 @@ def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
         with safe_open(path, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
 
-    from sparsezo.checkpoint import load_delta
+    from sparsezo.training.checkpoint import load_delta
     from sparsezo.masks import Mask
     from sparsezo.model.load import load_model
-    from sparsezo.replay import replayed_delta
+    from sparsezo.training.replay import replayed_delta
     from sparsezo.zo import Trajectory
 
     # what the example claims: the trajectory alone rebuilds the trained delta
@@ -80,7 +80,7 @@ def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
     saved = load_delta(work / "api-example/delta.safetensors")
     assert rebuilt.values.keys() == saved.values.keys()
     assert all(rebuilt.values[k].equal(saved.values[k]) for k in saved.values)
-    from sparsezo.recipe import DEMO
+    from sparsezo.training.recipe import DEMO
 
     rows = [json.loads(line) for line in (work / "api-example/metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if "loss" in r]) == DEMO.steps  # the recipe's steps ran

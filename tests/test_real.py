@@ -7,7 +7,7 @@ The default model is fetched from the package registry and converted on first us
 import pytest
 import torch
 
-from sparsezo.scoring import accuracy, candidate_logprobs, encode, make_batch
+from sparsezo.eval.scoring import accuracy, candidate_logprobs, encode, make_batch
 from sparsezo.tasks import get_task
 
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from helpers import save_tiny_model, sentences, tiny_model, tiny_tokenizer, write_sst2
-from sparsezo.checkpoint import load_checkpoint, load_delta
+from sparsezo.training.checkpoint import load_checkpoint, load_delta
 from sparsezo.cli import main
 from sparsezo.masks import compute_mask
 from sparsezo.tasks import Example
-from sparsezo.train import TrainConfig, fine_tune
+from sparsezo.training.config import TrainConfig
+from sparsezo.training.loop import fine_tune
 from sparsezo.zo import StepRecord, TrainableParams, Trajectory, ZOConfig
 
 
@@ -219,7 +220,7 @@ def test_theta_layout_is_the_same_for_a_computed_and_a_loaded_mask(tmp_path):
 def test_replayed_delta_leaves_the_base_model_untouched(env, capsys):
     from sparsezo.masks import Mask
     from sparsezo.model.load import load_model
-    from sparsezo.replay import replayed_delta
+    from sparsezo.training.replay import replayed_delta
 
     run = env["root"] / "api-replay"
     assert main(_train(env, run, "--keep-last", steps=6)) == 0

@@ -13,7 +13,7 @@ import torch
 from helpers import sentences, tiny_model, tiny_tokenizer
 from sparsezo.errors import SparseZOError
 from sparsezo.masks import compute_mask
-from sparsezo.masks.sensitive import (_head_parts, calibration_batches, chunked_lm_loss, plan_passes,
+from sparsezo.masks.sensitive import _head_parts, calibration_batches, chunked_lm_loss, plan_passes,
                                       squared_gradient_passes)
 from sparsezo.masks.topk import TopK, exact_count
 from sparsezo.model.params import eligible_parameters
@@ -230,8 +230,8 @@ def test_streamed_merge_leaves_the_base_untouched_and_shards_load(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from helpers import save_tiny_model
-    from sparsezo.checkpoint import Delta
-    from sparsezo.export import save_merged
+    from sparsezo.training.checkpoint import Delta
+    from sparsezo.export.hf import save_merged
     from sparsezo.model.load import load_model
     from sparsezo.zo import TrainableParams
 

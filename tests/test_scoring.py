@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_model, tiny_tokenizer
-from sparsezo.scoring import candidate_logprobs, encode, make_batch
+from sparsezo.eval.scoring import candidate_logprobs, encode, make_batch
 from sparsezo.tasks import Example
 
 
@@ -54,7 +54,7 @@ def test_long_prompts_are_cut_from_the_left():
 
 
 def test_acc_loss_is_one_minus_batch_accuracy():
-    from sparsezo.scoring import LOSSES, batch_loss
+    from sparsezo.eval.scoring import LOSSES, batch_loss
 
     model, tok = tiny_model(), tiny_tokenizer()
     examples = EXAMPLES + [Example("a film was", [" good", " bad"], 1), Example("the", [" fun", " dull"], 0)]

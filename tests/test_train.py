@@ -3,11 +3,13 @@
 import torch
 
 from helpers import sentences, tiny_model, tiny_tokenizer
-from sparsezo.checkpoint import Delta, load_delta
+from sparsezo.training.checkpoint import Delta, load_delta
 from sparsezo.masks import compute_mask
-from sparsezo.scoring import accuracy, batch_loss, encode, make_batch
+from sparsezo.eval.scoring import accuracy, batch_loss, encode, make_batch
 from sparsezo.tasks import Example
-from sparsezo.train import TrainConfig, batch_indices, fine_tune
+from sparsezo.training.batches import batch_indices
+from sparsezo.training.config import TrainConfig
+from sparsezo.training.loop import fine_tune
 from sparsezo.zo import TrainableParams, ZOConfig
 
 

@@ -11,7 +11,10 @@ import sys
 import pytest
 
 from helpers import save_tiny_model, sentences, write_jsonl, write_sst2
-from sparsezo.cli import _by_layer, _HelpFormatter, _train_argv, build_parser, main
+from sparsezo.cli import build_parser, main
+from sparsezo.cli.mask import by_layer
+from sparsezo.cli.options import HelpFormatter
+from sparsezo.cli.train import train_argv
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
@@ -33,7 +36,7 @@ def _options(cmd: str) -> set[str]:
 
 @pytest.mark.parametrize("cmd", sorted(COMMANDS))
 def test_every_option_has_a_meaning_and_shows_its_default(cmd):
-    formatter = _HelpFormatter("sparsezo")
+    formatter = HelpFormatter("sparsezo")
     for action in COMMANDS[cmd]._actions:
         if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
             continue
@@ -71,12 +74,12 @@ def test_seq_len_is_a_deprecated_alias_of_calib_seq_len(capsys):
     assert "--seq-len is deprecated, use --calib-seq-len" in capsys.readouterr().err
     assert build_parser().parse_args(["train", "--calib-seq-len", "64"]).calib_seq_len == 64
     assert capsys.readouterr().err == ""
-    argv = _train_argv(build_parser().parse_args(["train", "--seq-len", "128", "--nproc", "2"]))
+    argv = train_argv(build_parser().parse_args(["train", "--seq-len", "128", "--nproc", "2"]))
     assert "--seq-len" not in argv and argv[argv.index("--calib-seq-len") + 1] == "128"  # torchrun children
 
 
 def test_demo_train_and_api_share_one_recipe():
-    from sparsezo.recipe import DEMO, TRAIN
+    from sparsezo.training.recipe import DEMO, TRAIN
 
     train = build_parser().parse_args(["train"])
     demo = build_parser().parse_args(["demo"])
@@ -92,7 +95,7 @@ def test_demo_train_and_api_share_one_recipe():
 
 
 def test_layers_sort_numerically(tmp_path, capsys):
-    assert [k for k, _ in _by_layer({"10": 0, "2": 0, "None": 0, "1": 0})] == ["1", "2", "10", "None"]
+    assert [k for k, _ in by_layer({"10": 0, "2": 0, "None": 0, "1": 0})] == ["1", "2", "10", "None"]
     from sparsezo.masks import compute_mask
     from sparsezo.testing import tiny_llama
 
@@ -232,11 +235,12 @@ def test_step_bar_eta_leaves_out_the_dev_evaluations(monkeypatch, capsys):
     import re
     import time
 
-    import sparsezo.train as train_mod
+    import sparsezo.training.loop as train_mod
     from helpers import tiny_model, tiny_tokenizer
     from sparsezo.masks import compute_mask
     from sparsezo.tasks import Example
-    from sparsezo.train import TrainConfig, fine_tune
+    from sparsezo.training.config import TrainConfig
+    from sparsezo.training.loop import fine_tune
     from sparsezo.zo import TrainableParams, ZOConfig
 
     real = train_mod.evaluate_split

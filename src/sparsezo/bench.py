@@ -23,7 +23,7 @@ from torch import nn
 
 from .masks import Mask
 from .resources import memory_report, peak_memory_bytes, start_memory_tracking
-from .scoring import Encoded, batch_loss, make_batch
+from .eval.scoring import Encoded, batch_loss, make_batch
 from .zo import TrainableParams, ZOConfig, ZOEngine
 from .zo.fused import FusedPM, PMLoss
 from .zo.mezo import MeZOReference

@@ -5,8 +5,7 @@ crash or a bad input never leaves a half-written mask, delta or run directory be
 temporary files get the permissions ``open()`` would give (the user's umask), not mkstemp's
 0600, so a merged model folder can be shared like any other.
 
-Also here: the writability/free-space check run before a model is loaded, the run-directory
-lock, and the validators every reader applies to tensors and JSON from disk (files are user
+Also here: the writability/free-space check run before a model is loaded, and the validators every reader applies to tensors and JSON from disk (files are user
 input: a crafted or damaged file must be one error naming the file and field, never a crash
 or a silently wrong result).
 """
@@ -15,14 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
-import logging
 import os
 import shutil
-import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +29,6 @@ from safetensors.torch import save_file
 from .errors import SparseZOError, os_errno_in, os_hint
 
 META_KEY = "sparsezo"
-log = logging.getLogger("sparsezo")
 
 
 def umask() -> int:
@@ -84,11 +78,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On failure the temporary file and any parent folders made for it are removed again.
     """
     path = Path(path)
-    made = _make_parents(path)
+    made = make_parents(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        _remove_empty(made)
+        remove_empty(made)
         raise SparseZOError(f"cannot create {path} ({e.strerror}); {os_hint(e.errno)}") from e
     os.close(fd)
     tmp_path = Path(tmp)
@@ -101,10 +95,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         tmp_path.unlink(missing_ok=True)
         if not ok:
-            _remove_empty(made)
+            remove_empty(made)
 
 
-def _make_parents(path: Path) -> list[Path]:
+def make_parents(path: Path) -> list[Path]:
     """Create ``path``'s missing parent folders; return those created, deepest first (to undo on failure)."""
     missing = []
     for p in [path.parent, *path.parent.parents]:
@@ -114,12 +108,13 @@ def _make_parents(path: Path) -> list[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        _remove_empty(missing)
+        remove_empty(missing)
         raise SparseZOError(f"cannot create the folder for {path} ({e.strerror}); {os_hint(e.errno)}") from e
     return missing
 
 
-def _remove_empty(folders: list[Path]) -> None:
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders :func:`make_parents` created, those still empty (a failed write leaves nothing)."""
     for p in folders:
         with contextlib.suppress(OSError):
             p.rmdir()  # only if still empty
@@ -134,11 +129,11 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     path = Path(path)
     if path.exists() and not overwrite:
         raise SparseZOError(f"output directory {path} already exists; choose another --out or remove it")
-    made = _make_parents(path)
+    made = make_parents(path)
     try:
         tmp = temp_dir(path.parent, path.name)
     except OSError as e:
-        _remove_empty(made)
+        remove_empty(made)
         raise SparseZOError(f"cannot create {path} ({e.strerror}); {os_hint(e.errno)}") from e
     ok = False
     try:
@@ -159,7 +154,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if not ok:
-            _remove_empty(made)
+            remove_empty(made)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -315,90 +310,3 @@ def check_writable(path: str | os.PathLike, need_bytes: int = 0, what: str = "--
     if need_bytes and free < need_bytes:
         raise SparseZOError(f"{what} {path}: {base} has {free / 2**20:.2f} MiB free, the run needs about "
                             f"{need_bytes / 2**20:.2f} MiB; free some space or choose another --out")
-
-
-class RunLock:
-    """An exclusive lock on a run directory for as long as one process writes it.
-
-    The lock is ``flock`` on ``PARENT/.NAME.lock`` (beside the run directory, which a fresh run
-    creates only by renaming a finished temporary folder into place). The kernel drops it when
-    the holder exits, however it exits, so a lock file left by a killed process is stale by
-    construction and is simply taken over; it records the holder's pid and host for the message
-    the next writer sees. The file is removed on release, and an acquirer re-checks that the
-    file it locked is still the one at the path, so removal cannot let two writers in.
-    Parent folders the lock had to create are removed again on release when still empty.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.run_dir = Path(os.path.realpath(run_dir))  # "runs/a/", "./runs/a", "." and symlinks lock alike
-        self.path = self.run_dir.with_name(f".{self.run_dir.name}.lock")
-        self.fd: int | None = None
-        self._made: list[Path] = []
-
-    def holder(self) -> str:
-        """Who holds the lock, as recorded in the lock file ("pid N on HOST since ..."), or "another process"."""
-        try:
-            info = json.loads(self.path.read_text())
-            return f"pid {info['pid']} on {info['host']} since {info['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "another process"
-
-    def acquire(self, action: str = "write") -> "RunLock":
-        if not self.try_acquire():
-            raise SparseZOError(f"run directory {self.run_dir} is in use by {self.holder()} (lock "
-                                f"{self.path}); cannot {action} it while that run is training: wait for it "
-                                "to finish or stop it")
-        return self
-
-    def try_acquire(self) -> bool:
-        """Take the lock, or return False when another process holds it (other failures raise)."""
-        self._made = _make_parents(self.path)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as e:
-                self._remove_made()
-                raise SparseZOError(f"cannot lock run directory {self.run_dir}: cannot create {self.path} "
-                                    f"({e.strerror}); {os_hint(e.errno)}") from e
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                self._remove_made()
-                if e.errno in (errno.EAGAIN, errno.EACCES):
-                    return False
-                raise SparseZOError(f"cannot lock run directory {self.run_dir} ({e.strerror}); "
-                                    "use a folder on a filesystem that supports file locks") from e
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the previous holder removed the file between our open and flock: retry
-        if os.fstat(fd).st_size > 0:  # left by a process that died holding it; the kernel has released it
-            log.debug("taking over the stale lock of %s on %s", self.holder(), self.run_dir)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = None
-        self._remove_made()
-
-    def _remove_made(self) -> None:
-        _remove_empty(self._made)
-        self._made = []
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire() if self.fd is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

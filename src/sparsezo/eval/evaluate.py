@@ -11,11 +11,11 @@ from typing import Any
 from torch import nn
 from tqdm import tqdm
 
-from .errors import SparseZOError
+from ..errors import SparseZOError
 from .generation import generate
 from .metrics import accuracy, exact_match, f1_score
 from .scoring import predict
-from .tasks import Example, Task
+from ..tasks import Example, Task
 
 
 def evaluate(model: nn.Module, tokenizer, task: Task | None, examples: list[Example], batch_size: int = 32,

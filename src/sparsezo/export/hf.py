@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .io import atomic_dir
-from .quant import QUANT_LAYERS
-from .model.shards import SHARD_BYTES, ShardWriter
+from ..io import atomic_dir
+from ..quant import QUANT_LAYERS
+from ..model.shards import SHARD_BYTES, ShardWriter
 
 
-def _merged_tensors(model: nn.Module, delta=None) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_tensors(model: nn.Module, delta=None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the model's state as a plain dense checkpoint, delta written in, in state_dict order."""
     values = {}
     if delta is not None:
@@ -68,7 +68,7 @@ def save_merged(model: nn.Module, tokenizer, out: str | os.PathLike, delta=None,
     n = len(model.state_dict())
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
-        for name, t in tqdm(_merged_tensors(model, delta), total=n, desc="merge", unit="tensor", leave=False):
+        for name, t in tqdm(merged_tensors(model, delta), total=n, desc="merge", unit="tensor", leave=False):
             writer.add(name, t)
         total = writer.close()
         config = model.config

@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SparseZOError
+from ..errors import SparseZOError
+from ..io import atomic_dir, write_json
+from ..quant import QUANT_LAYERS
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +45,12 @@ PEFT_MIN = "0.17"  # first PEFT with SHiRA
 
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from .quant.nf4 import NF4Linear
-
-    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))}
+    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (nn.Linear, *QUANT_LAYERS))}
 
 
 def _base_values(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """The base weight's entries at ``idx`` in the model's dtype: a 4-bit layer kept them exactly."""
-    from .quant.nf4 import NF4Linear
-
-    if isinstance(module, NF4Linear):
+    if isinstance(module, QUANT_LAYERS):
         if not torch.equal(module.idx.cpu(), idx.cpu()):
             raise SparseZOError("PEFT export: the 4-bit base was quantized for another mask than the delta's; "
                                 "export with the base the run trained on (its recorded --model)")
@@ -105,9 +103,6 @@ def export_peft(model: nn.Module, delta, out: str | os.PathLike, base_name: str 
     """
     from safetensors.torch import save_file
 
-    from .io import atomic_dir, write_json
-    from .quant.nf4 import NF4Linear
-
     delta.mask.check_model(model, "delta")
     linears = _linear_modules(model)
     names = [n for n, idx in delta.mask.indices.items() if idx is None or idx.numel()]
@@ -120,7 +115,7 @@ def export_peft(model: nn.Module, delta, out: str | os.PathLike, base_name: str 
                             "adapter would be larger than the weights: use sparsezo merge or --format gguf")
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     dims = {n: tuple(delta.mask.shapes[n]) for n in names}  # (out, in)
-    four_bit = any(isinstance(linears[n], NF4Linear) for n in names)
+    four_bit = any(isinstance(linears[n], QUANT_LAYERS) for n in names)
     r, dense = plan_rank({n: delta.mask.indices[n].numel() for n in names}, dims,
                          None if four_bit else dtype.itemsize)
     too_dense = [n for n in names if n not in dense and r * sum(dims[n]) > dims[n][0] * dims[n][1]]
@@ -201,3 +196,10 @@ def describe(info: dict[str, Any]) -> str:
             f"{info['trained_entries']} trained entries, {info['stored_entries']} SHiRA entries ({info['padding']:.1%} "
             f"zero padding), {info['bytes']} bytes -> {info['out']}")
 
+
+HELP = "a PEFT SHiRA adapter folder (PeftModel.from_pretrained(base, folder))"
+
+
+def write(model: nn.Module, tokenizer, delta, out: str | os.PathLike, options: dict[str, Any]) -> dict[str, Any]:
+    """``sparsezo export --format peft`` (no options: the adapter's rank is planned from the delta)."""
+    return export_peft(model, delta, out, base_name=str(model.name_or_path))

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SparseZOError
-from .io import check_indices, check_values, json_field, load_tensors, read_json, save_tensors, temp_dir
-from .masks import Mask
-from .masks.base import index_dtype, numel, shapes_from_meta
-from .zo import TrainableParams, Trajectory
+from ..errors import SparseZOError
+from ..io import check_indices, check_values, json_field, load_tensors, read_json, save_tensors, temp_dir
+from ..masks import Mask
+from ..masks.base import index_dtype, numel, shapes_from_meta
+from ..zo import TrainableParams, Trajectory
 
 FORMAT = "sparsezo.delta/1"
 CHECKPOINT_FORMAT = "sparsezo.checkpoint/1"

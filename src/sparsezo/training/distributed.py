@@ -32,9 +32,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import SparseZOError
-from .zo import StepRecord, TrainableParams, ZOConfig, ZOEngine
-from .zo.noise import step_seed
+from ..errors import SparseZOError
+from ..model.params import model_fingerprint
+from ..zo import StepRecord, TrainableParams, ZOConfig, ZOEngine
+from ..zo.noise import step_seed
+from ..zo.registry import OPTIMIZERS
 
 PARALLEL = ("data", "query")
 
@@ -145,11 +147,17 @@ def check_split(parallel: str, world: int, q: int, batch_size: int | None = None
                             f"multiple of the {world} processes")
 
 
+def check_one_process(lr_auto: bool, optimizer: str) -> None:
+    """What runs in one process only: --lr auto's probe, and the optimisers that measure L(θ) (hizoo, fzoo)."""
+    if lr_auto:
+        raise SparseZOError("--lr auto runs in one process; probe without --nproc, then pass the chosen --lr")
+    if OPTIMIZERS[optimizer].needs_center:
+        raise SparseZOError(f"--optimizer {optimizer} runs in one process only; use another optimizer with --nproc")
+
+
 def check_consistent(ctx: DistContext, model, params: TrainableParams, cfg, train: list, dev: list,
                      theta: torch.Tensor, opt_state: dict[str, torch.Tensor]) -> None:
     """All ranks must start from the same model, mask, θ (and optimiser state), settings and data."""
-    from .model.params import model_fingerprint
-
     def tensor_bytes(*ts: torch.Tensor) -> bytes:
         return b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in ts)
 

@@ -16,9 +16,13 @@ Changing a value here changes results (the demo's numbers in the README were mea
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
-from .train import TrainConfig
-from .zo import ZOConfig
+from ..zo import ZOConfig
+from .config import TrainConfig
+
+
+DEFAULT_LR = 1e-4  # also what ZOConfig.lr holds for --lr auto until the probe has chosen
 
 
 @dataclass(frozen=True)
@@ -34,18 +38,25 @@ class Recipe:
     num_dev: int = 500
     num_test: int = 1000
     steps: int = 1000
-    lr: float = 1e-4
+    lr: float | None = DEFAULT_LR  # None: --lr auto (fine_tune probes first and returns the lr it chose)
     eps: float = 1e-2  # >= 1e-2 survives bf16 rounding of θ ± εz
     batch_size: int = 16
     eval_every: int = 100
     eval_batch_size: int = 32
     seed: int = 0
 
-    def train_config(self) -> TrainConfig:
-        """The training loop's settings of this recipe (every other ZO option at its default)."""
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, eval_every=self.eval_every,
-                           eval_batch_size=self.eval_batch_size,
-                           zo=ZOConfig(lr=self.lr, eps=self.eps, seed=self.seed))
+    def train_config(self, zo: dict[str, Any] | None = None, **loop: Any) -> TrainConfig:
+        """The training loop's settings of this recipe, validated: ``zo`` and ``loop`` set the ZO and loop
+        options the recipe leaves at their defaults (``sparsezo train``'s --optimizer, --q, --loss, ...).
+
+        This is the one place ``lr = None`` (``--lr auto``) becomes the loop's ``lr_auto``.
+        """
+        cfg = TrainConfig(steps=self.steps, batch_size=self.batch_size, eval_every=self.eval_every,
+                          eval_batch_size=self.eval_batch_size, lr_auto=self.lr is None, **loop,
+                          zo=ZOConfig(lr=DEFAULT_LR if self.lr is None else self.lr, eps=self.eps, seed=self.seed,
+                                      **(zo or {})))
+        cfg.validate()
+        return cfg
 
 
 TRAIN = Recipe()

@@ -14,9 +14,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .checkpoint import Delta
-from .errors import SparseZOError
-from .masks import Mask
-from .zo import TrainableParams, Trajectory, ZOConfig
+from ..errors import SparseZOError
+from ..masks import Mask
+from ..zo import TrainableParams, Trajectory, ZOConfig
 
 
 def replay_params(model, mask: Mask, trajectory: Trajectory, progress: bool = True) -> TrainableParams:

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import SparseZOError
 from ..quant import QUANT_LAYERS
 from ..quant.int4 import Int4Linear, sparse_add_, sparse_layout
-from ..scoring import Batch, batch_loss, candidate_logprobs, loss_from_scores
+from ..eval.scoring import Batch, batch_loss, candidate_logprobs, loss_from_scores
 from .trainable import TrainableParams
 
 

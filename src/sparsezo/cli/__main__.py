@@ -1,0 +1,7 @@
+"""``python -m sparsezo.cli``: the ``sparsezo`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,210 @@
+"""A run directory: config.json, the final files (trajectory, delta), what --resume reads back, and its lock."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import SparseZOError, os_hint
+from ..io import make_parents, read_json, remove_empty, write_json
+from ..zo import TrainableParams, Trajectory, ZOConfig
+from ..zo.registry import state_vectors
+from .checkpoint import Delta
+from .config import TrainConfig, TrainResult
+
+log = logging.getLogger("sparsezo")
+
+
+def run_meta(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
+    """The ``config.json`` of a run: every setting needed to reproduce it."""
+    return {"train": {k: v for k, v in asdict(cfg).items() if k != "zo"}, "zo": asdict(cfg.zo), **extra}
+
+
+def save_delta(params: TrainableParams, path: str | Path, meta: dict[str, Any]) -> Delta:
+    delta = Delta.from_params(params, meta)
+    delta.save(path)
+    return delta
+
+
+def trajectory_meta(params: TrainableParams, cfg: ZOConfig, best_step: int, delta_meta: dict[str, Any]) -> dict[str, Any]:
+    """What replay needs beside the steps: the update rule, which θ it applies to, where to stop,
+    and the delta's header (so the replayed file is byte-identical to the trained one)."""
+    return {"zo": asdict(cfg), "dtype": str(params.dtype).removeprefix("torch."), "mask_digest": params.mask.digest(),
+            "fingerprint": params.mask.meta.get("fingerprint"), "best_step": best_step, "delta_meta": delta_meta}
+
+
+def save_run(out: str | Path, params: TrainableParams, trajectory: Trajectory, zo: ZOConfig,
+             delta_meta: dict[str, Any], config: dict[str, Any]) -> None:
+    """The final files of a run, each atomic; ``delta.safetensors`` last, as it marks the run complete.
+
+    ``params`` must hold the selected (best-dev) θ; ``delta_meta`` must not hold timings, so a
+    resumed or replayed run writes the same bytes.
+    """
+    out = Path(out)
+    trajectory.meta = trajectory_meta(params, zo, delta_meta["results"]["best_step"], delta_meta)
+    trajectory.save(out / "trajectory.safetensors")
+    write_json(out / "config.json", config)
+    save_delta(params, out / "delta.safetensors", delta_meta)
+
+
+def record_outcome(meta: dict[str, Any], result: TrainResult) -> None:
+    """What a run chose while training, written into its ``meta`` (in place): the lr it trained with
+    (``zo.lr``, the probe's choice with --lr auto) and the probe's report (``lr_auto``)."""
+    meta["zo"] = asdict(result.zo)
+    if result.lr_probe is not None:
+        meta["lr_auto"] = result.lr_probe
+
+
+def learned(result: TrainResult, metric: str) -> dict[str, Any]:
+    """The fields that say whether a fine-tune learned anything (see :func:`sparsezo.training.loop.improvement`)."""
+    out = {"improved": result.improved, f"start_dev_{metric}": result.start_dev, "dev_noise": result.dev_noise}
+    if result.lr_probe:
+        out["lr_auto_forwards"] = result.lr_probe["forwards"]
+    return out
+
+
+def run_bytes(entries: int, optimizer: str, q: int, steps: int, checkpoints: int) -> int:
+    """An upper bound of the bytes a training run writes (mask, delta, checkpoints, trajectory, metrics).
+
+    ``entries`` bounds the trainable entries; each costs 4 bytes in the mask, 8 in the delta, and
+    4 per θ-sized vector (θ, best θ, the optimiser's state) in each of the ``checkpoints`` kept
+    at once (0: none written).
+    """
+    vectors = 2 + state_vectors(optimizer)
+    per_step = 24 * q * (checkpoints + 1) + 160 + 60 * q  # trajectory rows + a metrics.jsonl line
+    return entries * (4 + 8 + 4 * vectors * checkpoints) + per_step * steps + (256 << 10)
+
+
+def entries_bound(numel: int | None, density: float, full: bool) -> int:
+    """Trainable entries of a rule's mask at ``density`` of ``numel`` weights (all of them for ``full``)."""
+    return math.ceil((numel or 0) * (1.0 if full else density))
+
+
+def resume_settings(run: Path, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The settings recorded in ``run/config.json`` (``args``), checked against ``defaults`` (the train
+    command's): a run can be resumed only when it is incomplete, has its mask, and records settings
+    this version knows, each of its type. Runs recorded before --fused-pm took on/off/auto read as such."""
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise SparseZOError(f"--resume {run}: no config.json there; is it a sparsezo run directory?")
+    if (run / "delta.safetensors").exists():
+        raise SparseZOError(f"--resume {run}: the run is already complete (delta.safetensors exists)")
+    if not (run / "mask.safetensors").is_file():
+        raise SparseZOError(f"--resume {run}: its mask.safetensors is missing; the run can only continue on the "
+                            "mask it was trained with: restore the file, or start a new run")
+    saved = read_json(cfg_path, "run config").get("args")
+    if not saved:
+        raise SparseZOError(f"--resume {run}: config.json has no recorded arguments; the run cannot be resumed")
+    if not isinstance(saved, dict):
+        raise SparseZOError(f"--resume {run}: config.json field 'args' is a {type(saved).__name__}, not an object; "
+                            "restore the file")
+    if isinstance(saved.get("fused_pm"), bool):  # written before --fused-pm took on/off/auto
+        saved["fused_pm"] = "on" if saved["fused_pm"] else "off"
+    for key, value in saved.items():  # each recorded setting must be one this version knows, of its type
+        if key not in defaults:
+            raise SparseZOError(f"--resume {run}: config.json records an unknown setting {key!r}; it was written by "
+                                "another sparsezo version or edited")
+        want = type(defaults[key])
+        ok = (defaults[key] is None or value is None or isinstance(value, want)
+              or (want is float and isinstance(value, int))) and not (isinstance(value, bool) and want is not bool)
+        if not ok:
+            raise SparseZOError(f"--resume {run}: config.json records {key} = {value!r:.40}, expected "
+                                f"{want.__name__}; restore the file")
+    return saved
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as one process writes it.
+
+    The lock is ``flock`` on ``PARENT/.NAME.lock`` (beside the run directory, which a fresh run
+    creates only by renaming a finished temporary folder into place). The kernel drops it when
+    the holder exits, however it exits, so a lock file left by a killed process is stale by
+    construction and is simply taken over; it records the holder's pid and host for the message
+    the next writer sees. The file is removed on release, and an acquirer re-checks that the
+    file it locked is still the one at the path, so removal cannot let two writers in.
+    Parent folders the lock had to create are removed again on release when still empty.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(os.path.realpath(run_dir))  # "runs/a/", "./runs/a", "." and symlinks lock alike
+        self.path = self.run_dir.with_name(f".{self.run_dir.name}.lock")
+        self.fd: int | None = None
+        self._made: list[Path] = []
+
+    def holder(self) -> str:
+        """Who holds the lock, as recorded in the lock file ("pid N on HOST since ..."), or "another process"."""
+        try:
+            info = json.loads(self.path.read_text())
+            return f"pid {info['pid']} on {info['host']} since {info['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def acquire(self, action: str = "write") -> "RunLock":
+        if not self.try_acquire():
+            raise SparseZOError(f"run directory {self.run_dir} is in use by {self.holder()} (lock "
+                                f"{self.path}); cannot {action} it while that run is training: wait for it "
+                                "to finish or stop it")
+        return self
+
+    def try_acquire(self) -> bool:
+        """Take the lock, or return False when another process holds it (other failures raise)."""
+        self._made = make_parents(self.path)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                self._remove_made()
+                raise SparseZOError(f"cannot lock run directory {self.run_dir}: cannot create {self.path} "
+                                    f"({e.strerror}); {os_hint(e.errno)}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                self._remove_made()
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    return False
+                raise SparseZOError(f"cannot lock run directory {self.run_dir} ({e.strerror}); "
+                                    "use a folder on a filesystem that supports file locks") from e
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed the file between our open and flock: retry
+        if os.fstat(fd).st_size > 0:  # left by a process that died holding it; the kernel has released it
+            log.debug("taking over the stale lock of %s on %s", self.holder(), self.run_dir)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        remove_empty(self._made)
+        self._made = []
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire() if self.fd is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
