@@ -8,7 +8,7 @@ from helpers import WORDS, tiny_tokenizer
 from sparsezo.masks import compute_mask
 from sparsezo.testing import tiny_llama
 from sparsezo.quant import Int4Linear
-from sparsezo.quant.convert import load_quantized, load_quantized_folder, quantize_folder, quantize_model,
+from sparsezo.quant.convert import (load_quantized, load_quantized_folder, quantize_folder, quantize_model,
                                     quantized_mask, save_quantized)
 from sparsezo.quant import int4
 from sparsezo.zo import TrainableParams, ZOConfig, ZOEngine, step_seed

@@ -10,7 +10,7 @@ from helpers import save_tiny_model, sentences, tiny_model, tiny_tokenizer  # no
 from sparsezo.errors import SparseZOError  # noqa: E402
 from sparsezo.masks import compute_mask  # noqa: E402
 from sparsezo.quant import NF4Linear  # noqa: E402
-from sparsezo.quant.convert import load_quantized, load_quantized_folder, quantize_model,  # noqa: E402
+from sparsezo.quant.convert import (load_quantized, load_quantized_folder, quantize_model,  # noqa: E402
                                     save_quantized, weight_bytes)
 from sparsezo.quant.nf4 import bnb_functional  # noqa: E402
 from sparsezo.zo import TrainableParams, ZOConfig, ZOEngine, step_seed  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 from helpers import sentences, tiny_model, tiny_tokenizer
 from sparsezo.errors import SparseZOError
 from sparsezo.masks import compute_mask
-from sparsezo.masks.sensitive import _head_parts, calibration_batches, chunked_lm_loss, plan_passes,
+from sparsezo.masks.sensitive import (_head_parts, calibration_batches, chunked_lm_loss, plan_passes,
                                       squared_gradient_passes)
 from sparsezo.masks.topk import TopK, exact_count
 from sparsezo.model.params import eligible_parameters

