@@ -82,7 +82,7 @@ def test_fused_training_follows_the_unfused_one_and_replays_exactly():
 def test_fused_pm_auto_fuses_small_batches_on_a_4bit_base_only(monkeypatch, quant):
     """auto = on for a 4-bit base and batches within FUSED_AUTO_TOKENS, else off (bit-identical
     trajectories to the matching explicit setting, and fused ones differ from unfused by rounding)."""
-    from sparsezo import train as train_mod
+    from sparsezo.training import loop as train_mod
     from sparsezo.tasks import Example
     from sparsezo.training.config import TrainConfig
     from sparsezo.training.loop import fine_tune
