@@ -4,12 +4,13 @@ The API example is executed verbatim on a tiny model: only the environment chang
 ``$SPARSEZO_HOME`` holds a tiny model where the embedded default model is cached (so
 ``load_model()`` takes its ordinary path) and ``$SPARSEZO_ASSETS`` tiny SST-2-shaped files and
 calibration text. The quick start runs verbatim too, in a folder holding the ``my-model`` and
-``reviews.csv`` it names. ``docs/cli.md`` must list exactly the options each command has.
+``reviews.csv`` it names. ``docs/cli.md`` must list exactly the options each command has, with their defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import random
 import re
@@ -98,8 +99,6 @@ def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
 
 def test_readme_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
     """The "your model, your data" snippet: a custom CSV task, a short recipe, a task-Fisher mask."""
-    import csv
-
     save_tiny_model(tmp_path / "my-model")
     with open(tmp_path / "reviews.csv", "w", newline="") as f:
         w = csv.writer(f)
