@@ -1,14 +1,16 @@
-"""The README is checked, not trusted: its API example runs as written, and its flags exist.
+"""The README and docs/ are checked, not trusted: their Python examples run as written, and their flags exist.
 
 The API example is executed verbatim on a tiny model: only the environment changes —
 ``$SPARSEZO_HOME`` holds a tiny model where the embedded default model is cached (so
 ``load_model()`` takes its ordinary path) and ``$SPARSEZO_ASSETS`` tiny SST-2-shaped files and
-calibration text.
+calibration text. The quick start runs verbatim too, in a folder holding the ``my-model`` and
+``reviews.csv`` it names. ``docs/cli.md`` must list exactly the options each command has, with their defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import random
 import re
@@ -17,10 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FILLER, NEGATIVE, POSITIVE, save_tiny_model, write_sst2
+from helpers import FILLER, NEGATIVE, POSITIVE, save_tiny_model, sentences, write_sst2
 from sparsezo.cli import build_parser
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+CLI_DOC = ROOT / "docs" / "cli.md"
+DOCS = [README, CLI_DOC, ROOT / "docs" / "method.md", ROOT / "docs" / "results.md"]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
 # flags of other programs that README command lines pass through (pip, torchrun)
@@ -28,15 +33,20 @@ FOREIGN = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--mas
            "--torch-backend", "--index-url", "--extra-index-url"}
 
 
-def blocks(lang: str) -> list[str]:
-    return [body for kind, body in FENCE.findall(README.read_text()) if kind == lang]
+def blocks(lang: str, doc: Path = README) -> list[str]:
+    return [body for kind, body in FENCE.findall(doc.read_text()) if kind == lang]
+
+
+def first_block(heading: str) -> str:
+    """The first fenced python block after the README's ``heading`` line."""
+    text = README.read_text()
+    section = text[text.index(f"\n{heading}\n"):]
+    return next(m.group(2) for m in FENCE.finditer(section) if m.group(1) == "python")
 
 
 def api_example() -> str:
     """The python block of the README's ``## API`` section."""
-    text = README.read_text()
-    section = text[text.index("\n## API\n"):]
-    return FENCE.search(section).group(2)
+    return first_block("## API")
 
 
 def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
@@ -87,6 +97,26 @@ def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
     assert tensors(work / "api-example/merged-model/model.safetensors")
 
 
+def test_readme_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The "your model, your data" snippet: a custom CSV task, a short recipe, a task-Fisher mask."""
+    save_tiny_model(tmp_path / "my-model")
+    with open(tmp_path / "reviews.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows([text, "pos" if y else "neg"] for y, text in sentences(120, 3))
+    monkeypatch.chdir(tmp_path)
+
+    code = first_block("## Your model, your data")
+    namespace = {"__name__": "readme_quick_start"}
+    exec(compile(code, "README.md (quick start)", "exec"), namespace)
+
+    recipe, mask, splits = namespace["recipe"], namespace["mask"], namespace["splits"]
+    assert recipe.steps < 400 and mask.meta["rule"] == "sensitive-task" and mask.num_trainable > 0
+    assert splits["test"] and {e.candidates[e.gold] for e in splits["train"]} == {" great", " terrible"}
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert 0.0 <= float(printed) <= 1.0, printed
+
+
 def test_readme_api_example_outputs_are_git_ignored():
     """Everything the example writes goes under one folder that .gitignore lists."""
     code = api_example()
@@ -114,12 +144,12 @@ def _options(cmd: str) -> set[str]:
     return {o for a in COMMANDS[cmd]._actions for o in a.option_strings}
 
 
-def readme_command_lines() -> list[tuple[str, list[str]]]:
-    """(command, its --flags) for every sparsezo invocation in the README's bash blocks."""
+def command_lines(doc: Path = README) -> list[tuple[str, list[str]]]:
+    """(command, its --flags) for every sparsezo invocation in a document's bash blocks."""
     found = []
-    for body in blocks("bash"):
+    for body in blocks("bash", doc):
         for line in body.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0]
+            line = re.split(r"(?:^|\s)#", line)[0]  # a shell comment
             for part in re.split(r"&&|\|", line):
                 words = shlex.split(part, posix=True) if part.strip() else []
                 if "sparsezo" not in words:
@@ -133,31 +163,70 @@ def readme_command_lines() -> list[tuple[str, list[str]]]:
     return found
 
 
-def test_every_readme_command_line_flag_exists_in_that_command():
-    lines = readme_command_lines()
-    assert len(lines) > 20 and {c for c, _ in lines} >= {"train", "eval", "demo", "replay", "merge", "mask compute",
-                                                          "mask info", "bench", "quantize", "info", "plot"}
+LEAVES = {c for c in COMMANDS if not any(o.startswith(c + " ") for o in COMMANDS)}
+
+
+def test_the_readme_shows_every_command():
+    shown = {c for c, _ in command_lines()}
+    assert LEAVES >= {"train", "eval", "demo", "mask compute", "export"}
+    assert not LEAVES - shown, f"README has no example of: {sorted(LEAVES - shown)}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_every_command_line_flag_exists_in_that_command(doc):
+    lines = command_lines(doc)
+    assert lines or doc.name == "method.md"
     missing = [(cmd, f) for cmd, flags in lines for f in flags if f not in _options(cmd)]
-    assert not missing, f"README documents flags its commands do not have: {missing}"
+    assert not missing, f"{doc.name} documents flags its commands do not have: {missing}"
 
 
-def _paragraph(start: str) -> str:
-    text = README.read_text()
-    i = text.index(start)
-    return text[i:text.index("\n\n", i)]
+def _documented_options() -> dict[str, dict[str, str]]:
+    """'train' -> {option: its default cell} from the tables of docs/cli.md's "## `sparsezo train`" section."""
+    out = {}
+    for sec in re.split(r"(?m)^## ", CLI_DOC.read_text()):
+        m = re.match(r"`sparsezo ([a-z ]+)`\n", sec)
+        if m:
+            rows = re.findall(r"(?m)^\| ((?:`-[^`]+`(?:, )?)+)(?:[^|\\]|\\.)*\| ([^|]*) \|", sec)
+            out[m.group(1)] = {f: default for flags, default in rows for f in re.findall(r"`(-[^`]+)`", flags)}
+    return out
 
 
-@pytest.mark.parametrize("cmd,start", [("train", "`train` options"), ("eval", "`eval` prints a table")])
-def test_flags_of_the_option_paragraphs_exist(cmd, start):
-    flags = set(FLAG.findall(_paragraph(start)))
-    assert len(flags) > 5
-    assert not flags - _options(cmd), f"{cmd}: {sorted(flags - _options(cmd))}"
+def _table_row(a: argparse.Action) -> str:
+    """The docs/cli.md row of one option, as the parser defines it (printed when the page is stale)."""
+    flag = ", ".join(f"`{o}`" for o in a.option_strings)
+    if a.choices:
+        flag += " " + "\\|".join(str(c) for c in a.choices)
+    elif a.nargs != 0 and a.metavar:
+        flag += " " + a.metavar
+    meaning = (a.help or "").replace("%%", "%").replace("|", "\\|")
+    return f"| {flag} | {_default_cell(a)} | {meaning} |"
 
 
-def test_every_flag_in_the_readme_exists_somewhere():
+def _default_cell(a: argparse.Action) -> str:
+    d = a.default
+    return "—" if d is None or d is False or d == [] else f"`{d}`"
+
+
+def test_cli_doc_lists_exactly_the_options_of_every_command():
+    """Each command's section lists its options with their defaults; a new or changed option fails here."""
+    documented = _documented_options()
+    assert not LEAVES - set(documented), f"docs/cli.md has no section for: {sorted(LEAVES - set(documented))}"
+    for cmd, doc_defaults in documented.items():
+        actions = [a for a in COMMANDS[cmd]._actions
+                   if a.option_strings and a.help != argparse.SUPPRESS and "-h" not in a.option_strings]
+        stale = [a for a in actions
+                 if any(doc_defaults.get(o) != _default_cell(a) for o in a.option_strings)]
+        extra = set(doc_defaults) - {o for a in actions for o in a.option_strings}
+        assert not stale and not extra, (f"docs/cli.md, sparsezo {cmd}: not an option {sorted(extra)}; "
+                                         "missing or with another default, the rows should read:\n"
+                                         + "\n".join(_table_row(a) for a in stale))
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_every_flag_mentioned_exists_somewhere(doc):
     """Prose mentions (outside the per-command checks above) name real options of some command."""
-    text = FENCE.sub(lambda m: m.group(0) if m.group(1) == "bash" else "", README.read_text())
-    text = re.sub(r"`python [^`]*`", "", text)  # benchmark scripts have options of their own
+    text = FENCE.sub(lambda m: m.group(0) if m.group(1) == "bash" else "", doc.read_text())
+    text = re.sub(r"`python [^`]*`|^python .*$", "", text, flags=re.M)  # benchmark scripts have options of their own
     every = set().union(*(_options(c) for c in COMMANDS))
     unknown = set(FLAG.findall(text)) - every - FOREIGN
-    assert not unknown, f"README mentions options no command has: {sorted(unknown)}"
+    assert not unknown, f"{doc.name} mentions options no command has: {sorted(unknown)}"
