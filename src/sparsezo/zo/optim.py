@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .arith import Ops
 
 REF_NUMEL = 106_168  # SmolLM2-135M's sensitive 0.1% set, where lr 1e-4 was measured best for ZO-SGD (DESIGN §8)
 # ... and its mean squared projected gradient E[g²] = E[((L+ − L−)/2ε)²] at θ₀ there (SST-2, ε 1e-2: 188 over
@@ -56,8 +57,10 @@ class SGD:
         """The step's q projected gradients as the update uses them (rules that rescale them override this)."""
         return grads
 
-    def __init__(self, numel: int, device, weight_decay: float = 0.0, **_: float):
+    def __init__(self, numel: int, device, weight_decay: float = 0.0, ops: Ops | None = None, **_: float):
+        """``ops``: the update arithmetic (zo/arith.py), that of the run's noise version."""
         self.wd = weight_decay
+        self.ops = ops or Ops()
         self.state = {k: torch.zeros(numel, dtype=torch.float32, device=device) for k in self.state_names}
 
     def direction(self, theta: torch.Tensor, grad: torch.Tensor, s: int, e: int, t: int) -> torch.Tensor:
@@ -77,8 +80,9 @@ class Momentum(SGD):
     state_names = ("momentum",)
     lr_ref = 1e-5  # heavy-ball with β₁ = 0.9 moves 1/(1 − β₁) = 10× as far as SGD per lr
 
-    def __init__(self, numel: int, device, weight_decay: float = 0.0, beta1: float = 0.9, **_: float):
-        super().__init__(numel, device, weight_decay)
+    def __init__(self, numel: int, device, weight_decay: float = 0.0, beta1: float = 0.9, ops: Ops | None = None,
+                 **_: float):
+        super().__init__(numel, device, weight_decay, ops)
         self.beta1 = beta1
 
     def direction(self, theta, grad, s, e, t):
@@ -99,16 +103,16 @@ class Adam(SGD):
         return cls.fixed_grid
 
     def __init__(self, numel: int, device, weight_decay: float = 0.0, beta1: float = 0.9,
-                 beta2: float = 0.999, adam_eps: float = 1e-8, **_: float):
-        super().__init__(numel, device, weight_decay)
+                 beta2: float = 0.999, adam_eps: float = 1e-8, ops: Ops | None = None, **_: float):
+        super().__init__(numel, device, weight_decay, ops)
         self.beta1, self.beta2, self.adam_eps = beta1, beta2, adam_eps
 
     def direction(self, theta, grad, s, e, t):
         m, v = self.state["exp_avg"][s:e], self.state["exp_avg_sq"][s:e]
-        m.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
-        v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        m_hat = m / (1 - self.beta1 ** (t + 1))
-        v_hat = v / (1 - self.beta2 ** (t + 1))
+        self.ops.axpy_(m.mul_(self.beta1), grad, 1 - self.beta1)
+        self.ops.sq_axpy_(v.mul_(self.beta2), grad, 1 - self.beta2)
+        m_hat = self.ops.div(m, 1 - self.beta1 ** (t + 1))
+        v_hat = self.ops.div(v, 1 - self.beta2 ** (t + 1))
         return m_hat / (v_hat.sqrt() + self.adam_eps)
 
 

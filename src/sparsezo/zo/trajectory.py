@@ -102,6 +102,8 @@ class Trajectory:
             raise SparseZOError(f"{where}: lrs holds negative learning rates; the file is corrupt")
         if "zo" in meta:
             zo = json_field(meta, "zo", dict, where)
+            # written before noise version 2: replayed with the generator and arithmetic it was trained with
+            zo.setdefault("noise", 1)
             unknown = sorted(set(zo) - {f.name for f in fields(ZOConfig)})
             if unknown:
                 raise SparseZOError(f"{where}: zo settings have unknown key(s) {unknown}; written by another version?")
