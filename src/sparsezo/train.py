@@ -394,6 +394,8 @@ def fine_tune(
         raise SparseZOError("--lr auto and --optimizer hizoo/fzoo run in one process only; probe or train with one "
                             "process, then pass its lr / use another optimizer with --nproc")
     fingerprint = model_fingerprint(model)  # base θ and model, recorded in checkpoints (refused on resume if changed)
+    if resume and "zo" in resume.trajectory.meta:  # go on with the run's noise version (1: started before v2)
+        cfg.zo.noise = resume.trajectory.meta["zo"]["noise"]
     fused = None
     if dist is None:
         fused = fused_engine(model, params, cfg)
