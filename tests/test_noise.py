@@ -128,3 +128,11 @@ def test_new_runs_record_version_2_and_old_files_load_as_version_1(tmp_path):
     assert Trajectory.load(tmp_path / "t.safetensors").meta["zo"]["noise"] == 2
     old = Trajectory.load(DATA / "sgd_rademacher.safetensors")
     assert old.meta["zo"]["noise"] == 1
+
+
+@pytest.mark.parametrize("at", [1 << 31, 1 << 32])  # the counter crosses int32's top, then wraps mod 2**32
+def test_hash_counters_that_cross_int32_boundaries_match_the_reference(at):
+    key_lo = noise.mix(4, 0) & 0xFFFFFFFF
+    w0 = (at - key_lo - 5) % (1 << 32)  # counters (w + key_lo) mod 2**32 run across ``at``
+    h = noise.hash_words(4, w0, 10)
+    assert (h.to(torch.int64) & 0xFFFFFFFF).tolist() == [hash_word_reference(4, w) for w in range(w0, w0 + 10)]

@@ -129,9 +129,14 @@ def hash_words(seed: int, w0: int, n: int, device="cpu") -> torch.Tensor:
         raise ValueError("hash_words: the range must be non-empty and lie in one region")
     key = mix(seed, region)
     lo = (w0 & _M32) + (key & _M32)
-    # counters mod 2**32 as int32 bit patterns, converted exactly (in range) from int64
-    x = torch.arange(lo, lo + n, dtype=torch.int64, device=device)
-    x = x.add_(1 << 31).bitwise_and_(_M32).sub_(1 << 31).to(torch.int32)
+    # counters mod 2**32 as int32 bit patterns: one int32 range where they do not wrap, else
+    # converted exactly (in range) from int64
+    first = _signed32(lo & _M32)
+    if first + n <= 1 << 31:
+        x = torch.arange(first, first + n, dtype=torch.int32, device=device)
+    else:
+        x = torch.arange(lo, lo + n, dtype=torch.int64, device=device)
+        x = x.add_(1 << 31).bitwise_and_(_M32).sub_(1 << 31).to(torch.int32)
     x = _lowbias32(x).bitwise_xor_(_signed32((key >> 32) & _M32))
     return _lowbias32(x)
 
@@ -191,8 +196,9 @@ def _byte_signs(device) -> torch.Tensor:
     return _BYTE_SIGNS[key]
 
 
-def _entries(seed: int, w0: int, n: int, dist: str, device) -> torch.Tensor:
-    """All entries of words [w0, w0 + n) of one region, in order (fp32); one gather from an exact table.
+def _entries(seed: int, w0: int, n: int, dist: str, device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """All entries of words [w0, w0 + n) of one region, in order (fp32; into ``out`` when given); one
+    gather from an exact table.
 
     gaussian: the word's 16-bit halves, low first (entries 2w, 2w + 1); rademacher: its bytes, low
     first, each giving 8 entries bit by bit (entry 32w + 8k + j = bit 8k + j).
@@ -200,8 +206,12 @@ def _entries(seed: int, w0: int, n: int, dist: str, device) -> torch.Tensor:
     h = hash_words(seed, w0, n, device)
     if dist == "gaussian":
         idx = h.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
-        return gaussian_table(device).index_select(0, idx)
-    return _byte_signs(device).index_select(0, h.view(torch.uint8).to(torch.int32)).reshape(-1)
+        return torch.index_select(gaussian_table(device), 0, idx, out=out)
+    signs = _byte_signs(device)
+    idx = h.view(torch.uint8).to(torch.int32)
+    if out is None:
+        return signs.index_select(0, idx).reshape(-1)
+    return torch.index_select(signs, 0, idx, out=out.view(-1, 8)).reshape(-1)
 
 
 def _sample_v2(seed: int, start: int, end: int, dist: str, device) -> torch.Tensor:
@@ -214,9 +224,11 @@ def _sample_v2(seed: int, start: int, end: int, dist: str, device) -> torch.Tens
     w, w_end = start // per, -(-end // per)
     while w < w_end:
         n = min(w_end - w, piece, (((w >> REGION_BITS) + 1) << REGION_BITS) - w)
-        z = _entries(seed, w, n, dist, device)
         lo, hi = max(start, w * per), min(end, (w + n) * per)
-        out[lo - start : hi - start] = z[lo - w * per : hi - w * per]
+        if lo == w * per and hi == (w + n) * per:  # whole words: written in place, no copy
+            _entries(seed, w, n, dist, device, out[lo - start : hi - start])
+        else:
+            out[lo - start : hi - start] = _entries(seed, w, n, dist, device)[lo - w * per : hi - w * per]
         w += n
     return out
 
