@@ -12,7 +12,8 @@ Rows (``"row"``):
 - ``step``: ZO step / two forwards (interleaved medians) for a 0.1% random mask and full ZO, with
   MeZO's reference loop (``baseline``) measured the same way; perturb ms a phase;
   ``peak_memory_bytes`` = CUDA ``max_memory_allocated`` of the row;
-- ``forward``: ms of one forward at 1×32, 1×256, 16×256 per base (bf16, nf4, int4);
+- ``forward``: ms of one forward at 1×32, 1×256, 16×256 per base (bf16, nf4, int4), eager and (CUDA)
+  replayed as a CUDA graph (``graphed_…``; ``graph_reason`` says why not where capture failed);
 - ``fused``: the fused ±ε step (one forward over the stacked batch) over two forwards;
 - ``fisher``: Fisher-score time and peak memory over the bf16 and the 4-bit base (the 4-bit
   pass recomputes each layer's dense weight in backward), the top-k on the device;
@@ -37,6 +38,7 @@ from collections.abc import Iterator
 import torch
 
 from sparsezo.bench import bench, bench_fused, synthetic_batch
+from sparsezo.graphs import GraphedForward
 from sparsezo.masks import compute_mask
 from sparsezo.masks.quantized import eligible_tensors
 from sparsezo.masks.sensitive import plan_passes, squared_gradient_passes
@@ -142,6 +144,20 @@ def forward_ms(model, shapes, repeats: int, device: str) -> dict:
             _sync(device)
             times.append(time.perf_counter() - t0)
         out[f"{b}x{t}_ms"] = statistics.median(times) * 1000
+        if torch.device(device).type == "cuda":  # the model forward to logits replayed as a CUDA graph
+            graphed = GraphedForward(model)
+            ids, mask = batch.input_ids, batch.attention_mask
+            graphed(ids, mask)
+            times = []
+            for _ in range(repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                graphed(ids, mask)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            out[f"graphed_{b}x{t}_ms"] = statistics.median(times) * 1000 if graphed.reason is None else None
+            out["graph_reason"] = graphed.reason
+            del graphed
     return out
 
 
