@@ -106,7 +106,9 @@ def test_nf4_fine_tune_lowers_the_loss():
     params = TrainableParams(model, mask)
     cfg = TrainConfig(steps=100, eval_every=100, keep_best=False, zo=ZOConfig(lr=0.1, eps=1e-2))
     fine_tune(model, tok, params, ex(128, 1), ex(16, 2), cfg, progress=False)
-    assert batch_loss(model, train_batch) < before - 0.01
+    # 0.005: over seeds 0-3 noise v1 lowered it by 0.015-0.036, v2 by 0.007-0.029 (seed 0: 0.007); the loss
+    # starts at chance (0.693) and is deterministic given the seed, so any drop this size is learning
+    assert batch_loss(model, train_batch) < before - 0.005
 
 
 def test_bad_shapes_and_incomplete_folders_fail_clearly(tmp_path):

@@ -93,8 +93,10 @@ def peak_memory_bytes(device: str | torch.device = "cpu") -> int:
 def memory_report(device: str | torch.device = "cpu") -> dict[str, int | str]:
     """Every memory figure a command reports, with which one ``peak_memory_bytes`` is."""
     cuda = torch.device(device).type == "cuda"
+    # on CUDA both peaks: the device's (peak_memory_bytes) and the host's (peak_anon/rss_bytes)
     out: dict[str, int | str] = {"peak_memory_bytes": peak_memory_bytes(device),
                                  "peak_memory_kind": "cuda_max_allocated" if cuda else "anon",
+                                 "peak_memory_device": str(torch.device(device)),
                                  "peak_rss_bytes": peak_rss_bytes()}
     anon = peak_anon_bytes()
     if anon is not None:
@@ -139,12 +141,18 @@ def _stat(path: Path) -> dict[str, int]:
         return {}
 
 
-def available_memory_bytes() -> int | None:
-    """Memory this process may still use for anonymous data, or None when unknown.
+def available_memory_bytes(device: str | torch.device | None = None) -> int | None:
+    """Memory this process may still use on ``device`` (default: the host), or None when unknown.
 
-    min(MemAvailable, for each enclosing cgroup with a limit: limit − the group's anonymous use).
-    Page cache is not subtracted: the kernel reclaims it under a limit.
+    CUDA: the device's free memory plus what torch's caching allocator holds but has not handed
+    out (reserved − allocated), since that is reusable by this process; a plan for a CUDA model
+    must read this, not the host's RAM (a 24 GB card would be OOM-killed instead of run in passes).
+    Host: min(MemAvailable, for each enclosing cgroup with a limit: limit − the group's anonymous
+    use). Page cache is not subtracted: the kernel reclaims it under a limit.
     """
+    if device is not None and torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     avail = []
     try:
         m = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)

@@ -1,7 +1,7 @@
 """``train --tensorboard DIR``: the metrics.jsonl rows as TensorBoard scalars.
 
 People watch training curves in TensorBoard; the JSONL file stays the record (``plot`` and
-``--resume`` read it). Every row that :func:`sparsezo.train.fine_tune` logs is mirrored: per step
+``--resume`` read it). Every row that :func:`sparsezo.fine_tune` logs is mirrored: per step
 ``train/loss``, ``train/projected_grad`` (the mean over the step's queries) and ``train/lr``; per
 dev evaluation ``dev/<metric>``. The ``tensorboard`` package is an optional extra
 (``pip install 'sparsezo[tensorboard]'``), checked before training starts.

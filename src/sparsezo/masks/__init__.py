@@ -16,6 +16,7 @@ from ..errors import SparseZOError
 from ..model.params import eligible_parameters, model_fingerprint
 from . import full, magnitude, random, sensitive
 from .base import Mask, MaskContext, exact_count, select_top
+from .quantized import QuantWeight, check_quant_rule, eligible_tensors
 
 RULES: dict[str, Callable[[MaskContext, float], dict]] = {
     "sensitive": sensitive.compute,
@@ -54,7 +55,9 @@ def compute_mask(
         exact_count(density, 1)  # validates the range before any expensive work
     else:
         density = 1.0
-    params = eligible_parameters(model, include, exclude)
+    params = eligible_tensors(model, include, exclude)  # a 4-bit base: its layers' logical weights
+    if any(isinstance(p, QuantWeight) for p in params.values()):
+        check_quant_rule(rule)
     ctx = MaskContext(model, params, scope=scope, seed=seed, tokenizer=tokenizer, texts=texts, **options)
     t0 = time.perf_counter()
     with torch.no_grad():  # rules that need gradients (Fisher) re-enable them locally
@@ -72,7 +75,7 @@ def compute_mask(
 def sensitivity_scores(model: nn.Module, tokenizer, texts: list[str], *, include: str | None = None,
                        exclude: str | None = None, **options) -> dict[str, torch.Tensor]:
     """The Fisher scores the ``sensitive`` rule ranks by (for analysis, e.g. the mass curve)."""
-    ctx = MaskContext(model, eligible_parameters(model, include, exclude), tokenizer=tokenizer, texts=texts, **options)
+    ctx = MaskContext(model, eligible_tensors(model, include, exclude), tokenizer=tokenizer, texts=texts, **options)
     return sensitive.fisher_scores(ctx)
 
 

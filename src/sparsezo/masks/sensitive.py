@@ -19,6 +19,10 @@ gradients 13 GB, so nothing may exist for all tensors at once. Instead
 
 The squared gradients, and so the mask, are the same as a computation holding everything in
 memory (tested on small models). Only eligible tensors get gradients; scores are fp32.
+
+Over a 4-bit base (NF4/int4 layers, :mod:`.quantized`) the eligible tensors are the 4-bit
+layers' logical weights and the gradients are those w.r.t. their dequantized weights, each
+recomputed in backward; everything else here is the same.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from tqdm import tqdm
 from ..errors import SparseZOError
 from ..resources import available_memory_bytes, gib
 from .base import MaskContext
+from .quantized import QuantWeight, recomputing
 from .topk import TopK
 
 log = logging.getLogger(__name__)
@@ -154,15 +159,17 @@ def plan_passes(model: nn.Module, params: dict[str, nn.Parameter], rows: int, se
     """How to fit the Fisher computation in memory: score groups (one calibration pass each) and
     whether decoder layers are checkpointed. Raises early when even one tensor cannot fit.
 
-    ``memory_limit``: bytes it may use (default: what the machine or cgroup has left);
-    ``score_memory``: bytes for score buffers, overriding what the limit leaves for them.
+    ``memory_limit``: bytes it may use (default: what the model's device has left — the GPU's
+    free memory for a CUDA model, else the machine's or cgroup's; ``--max-memory`` bounds that same
+    device's memory); ``score_memory``: bytes for score buffers, overriding what the limit leaves.
+    Score buffers, gradients, activations and the top-k pool all live on the model's device.
     """
     n_mb = math.ceil(rows / micro_batch)
     mb_rows = min(rows, micro_batch)
     sizes = {n: p.numel() for n, p in params.items()}
     largest = max(sizes.values())
     elt = next(model.parameters()).element_size()
-    limit = memory_limit if memory_limit is not None else available_memory_bytes()
+    limit = memory_limit if memory_limit is not None else available_memory_bytes(next(model.parameters()).device)
     # one gradient (compute dtype) and its fp32 square alive at a time, the top-k pool, the runtime
     fixed = largest * (elt + 8) + pool_bytes + _RUNTIME_RESERVE
     act = activation_bytes(model, mb_rows, seq_len, checkpointed=False)
@@ -204,20 +211,40 @@ class _CheckpointedLayers:
             del layer.forward
 
 
-def squared_gradient_passes(model: nn.Module, params: dict[str, nn.Parameter], rows: torch.Tensor,
+def _attach(p: nn.Parameter | QuantWeight, on_grad: Callable[[torch.Tensor], None]) -> Callable[[], None]:
+    """Deliver each gradient of ``p`` to ``on_grad`` (and drop it) until the returned function is called."""
+    if isinstance(p, QuantWeight):
+        return p.attach(on_grad)
+
+    def take(param: nn.Parameter) -> None:
+        g, param.grad = param.grad, None
+        on_grad(g)
+
+    p.requires_grad_(True)
+    handle = p.register_post_accumulate_grad_hook(take)
+
+    def detach() -> None:
+        handle.remove()
+        p.requires_grad_(False)
+        p.grad = None
+    return detach
+
+
+def squared_gradient_passes(model: nn.Module, params: dict[str, nn.Parameter | QuantWeight], rows: torch.Tensor,
                             micro_batch: int, plan: dict, sink: Callable[[str, torch.Tensor], None]) -> None:
     """Run the calibration micro-batches once per score group; hand each tensor's summed squared
     gradient (fp32, its shape) to ``sink`` as soon as it is final, then drop it."""
     device = next(model.parameters()).device
-    loss_fn = _loss_fn(model, rows[:1, : min(rows.shape[1], 32)].to(device))
+    quant = {n: p for n, p in params.items() if isinstance(p, QuantWeight)}
+    with recomputing(model, quant):
+        loss_fn = _loss_fn(model, rows[:1, : min(rows.shape[1], 32)].to(device))
     n_mb = plan["micro_batches"]
     bar = tqdm(total=len(plan["groups"]) * n_mb, desc="fisher", unit="batch", leave=False)
     for group in plan["groups"]:
         buffers: dict[str, torch.Tensor] = {}
         done: set[str] = set()
 
-        def hook(name: str, p: nn.Parameter) -> None:
-            g, p.grad = p.grad, None
+        def hook(name: str, g: torch.Tensor) -> None:
             sq = g.float().square()
             del g
             if n_mb == 1:
@@ -228,26 +255,20 @@ def squared_gradient_passes(model: nn.Module, params: dict[str, nn.Parameter], r
             else:
                 buffers[name] = torch.zeros_like(sq).add_(sq)  # 0 + x, as an accumulation from zeros
 
-        handles = []
-        for name in group:
-            params[name].requires_grad_(True)
-            handles.append(params[name].register_post_accumulate_grad_hook(functools.partial(hook, name)))
+        detach = [_attach(params[name], functools.partial(hook, name)) for name in group]
         try:
-            with torch.enable_grad(), _CheckpointedLayers(model, plan["checkpoint"]):
+            with torch.enable_grad(), _CheckpointedLayers(model, plan["checkpoint"]), recomputing(model, quant):
                 for start in range(0, rows.shape[0], micro_batch):
                     loss = loss_fn(rows[start : start + micro_batch].to(device))
                     loss.backward()
                     del loss
                     bar.update(1)
         finally:
-            for h in handles:
-                h.remove()
-            for name in group:
-                params[name].requires_grad_(False)
-                params[name].grad = None
+            for d in detach:
+                d()
         for name in group:  # a tensor the loss does not depend on has a zero score
             if name not in done:
-                sink(name, buffers.pop(name, None) if name in buffers else torch.zeros(params[name].shape))
+                sink(name, buffers.pop(name, None) if name in buffers else torch.zeros(params[name].shape, device=device))
     bar.close()
 
 

@@ -13,7 +13,11 @@ selection over all scores together:
   0.1% mask of 7B);
 - ``per-tensor`` scope: each tensor's own top-k, taken as it arrives;
 - Fisher mass (share of the total score held by the top d) for every d whose top set fits the
-  pool, computed from the same pool, so any two computations of the same scores agree exactly.
+  pool, computed from the same pool, so any two computations of the same scores agree exactly;
+- device: the ranking runs where the scores are (a GPU's Fisher scores are not copied to the
+  host: 26 GB for 7B); the pool lives on the device of the first tensor offered, later tensors'
+  candidates join it there, and only the final indices come to the CPU. The selection is exact
+  integer/compare work, so it is the same on every device.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class TopK:
         self._keys: list[torch.Tensor] = []
         self._pending = 0
         self._floor: float | None = None  # the pool's capacity-th largest value after the last prune
+        self.device: torch.device | None = None  # where the pool lives (that of the first scores offered)
         self.sums: dict[str, float] = {}
         self.per_tensor: dict[str, torch.Tensor] = {}
 
@@ -92,26 +97,28 @@ class TopK:
             raise SparseZOError(f"scores for {name} were offered twice")
         if scores.numel() != self.sizes[name]:
             raise SparseZOError(f"scores for {name} have {scores.numel()} entries, expected {self.sizes[name]}")
-        flat = scores.detach().reshape(-1).float().cpu()
+        flat = scores.detach().reshape(-1).float()
+        if self.device is None:
+            self.device = flat.device
         if not torch.isfinite(flat).all():
             raise SparseZOError(f"scores of {name} are not finite (NaN/inf gradients); check the model and the "
                                 "calibration data, or compute the scores in --dtype float32")
         self.sums[name] = flat.double().sum().item()
         if self.scope == "per-tensor":
-            self.per_tensor[name] = tensor_top(flat, exact_count(self.density, flat.numel())).sort().values
+            self.per_tensor[name] = tensor_top(flat, exact_count(self.density, flat.numel())).sort().values.cpu()
         if self.capacity == 0:
             return
         idx = tensor_top(flat, min(self.capacity, flat.numel()), self._floor)
-        self._values.append(flat[idx])
-        self._keys.append(idx.to(torch.int64) | (self.pos[name] << _SHIFT))
+        self._values.append(flat[idx].to(self.device))
+        self._keys.append(idx.to(device=self.device, dtype=torch.int64) | (self.pos[name] << _SHIFT))
         self._pending += idx.numel()
         if self._pending > 2 * self.capacity:  # amortised: merge when twice the pool is waiting
             self._prune()
 
     def _prune(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge the waiting candidates and keep the top ``capacity`` of them (exact)."""
-        values = torch.cat(self._values) if self._values else torch.empty(0)
-        keys = torch.cat(self._keys) if self._keys else torch.empty(0, dtype=torch.int64)
+        values = torch.cat(self._values) if self._values else torch.empty(0, device=self.device)
+        keys = torch.cat(self._keys) if self._keys else torch.empty(0, dtype=torch.int64, device=self.device)
         if values.numel() > self.capacity:
             keep = _top_by_order(values, self.capacity, keys)
             values, keys = values[keep], keys[keep]
@@ -139,7 +146,7 @@ class TopK:
         if self.scope == "per-tensor":
             return {n: self.per_tensor[n] for n in self.sizes}
         _, keys = self._sorted_pool()
-        keys = torch.sort(keys[: self.k]).values
+        keys = torch.sort(keys[: self.k]).values.cpu()  # the only copy to the host: k indices
         pos, idx = keys >> _SHIFT, keys & ((1 << _SHIFT) - 1)
         counts = torch.bincount(pos, minlength=len(self.sizes)).tolist()
         parts = torch.split(idx, counts)

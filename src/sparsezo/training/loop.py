@@ -169,6 +169,8 @@ def fine_tune(
     if dist is not None:
         check_one_process(cfg.lr_auto, cfg.zo.optimizer)
     fingerprint = model_fingerprint(model)  # base θ and model, recorded in checkpoints (refused on resume if changed)
+    if resume and "zo" in resume.trajectory.meta:  # go on with the run's noise version (1: started before v2)
+        cfg = replace(cfg, zo=replace(cfg.zo, noise=resume.trajectory.meta["zo"]["noise"]))
     fused = None
     if dist is None:
         fused = fused_engine(model, params, cfg)

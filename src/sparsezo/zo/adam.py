@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .arith import Ops
 from .sgd import SGD
 
 
@@ -17,14 +18,14 @@ class Adam(SGD):
         return cls.fixed_grid
 
     def __init__(self, numel: int, device, weight_decay: float = 0.0, beta1: float = 0.9,
-                 beta2: float = 0.999, adam_eps: float = 1e-8, **_: float):
-        super().__init__(numel, device, weight_decay)
+                 beta2: float = 0.999, adam_eps: float = 1e-8, ops: Ops | None = None, **_: float):
+        super().__init__(numel, device, weight_decay, ops)
         self.beta1, self.beta2, self.adam_eps = beta1, beta2, adam_eps
 
     def direction(self, theta, grad, s, e, t):
         m, v = self.state["exp_avg"][s:e], self.state["exp_avg_sq"][s:e]
-        m.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
-        v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        m_hat = m / (1 - self.beta1 ** (t + 1))
-        v_hat = v / (1 - self.beta2 ** (t + 1))
+        self.ops.axpy_(m.mul_(self.beta1), grad, 1 - self.beta1)
+        self.ops.sq_axpy_(v.mul_(self.beta2), grad, 1 - self.beta2)
+        m_hat = self.ops.div(m, 1 - self.beta1 ** (t + 1))
+        v_hat = self.ops.div(v, 1 - self.beta2 ** (t + 1))
         return m_hat / (v_hat.sqrt() + self.adam_eps)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from .arith import Ops
 from .sgd import SGD
 
 MIN_CURV = 1e-12  # δ: a flat direction (c = 0) must not divide by zero; far below any real curvature
@@ -41,8 +42,9 @@ class HiZOO(SGD):
     lr_default_grid = (0.01, 0.03, 0.1, 0.3, 1.0)  # fractions of the line-search step; independent of |θ|
     grid_from_g2 = False  # ... and of E[g²]: the curvature already sets the step's scale
 
-    def __init__(self, numel: int, device, weight_decay: float = 0.0, beta2: float = 0.999, **_: float):
-        super().__init__(numel, device, weight_decay)
+    def __init__(self, numel: int, device, weight_decay: float = 0.0, beta2: float = 0.999, ops: Ops | None = None,
+                 **_: float):
+        super().__init__(numel, device, weight_decay, ops)
         self.beta2 = beta2
 
     @classmethod
@@ -57,7 +59,7 @@ class HiZOO(SGD):
         h = self.state["curv"][s:e]
         if t == 0:  # a fresh run (replay, probe or training); a resumed one loads h from its checkpoint
             h.fill_(curv_scale)
-        h.mul_(self.beta2).add_(curv, alpha=1 - self.beta2)
+        self.ops.axpy_(h.mul_(self.beta2), curv, 1 - self.beta2)
         d = grad / h.clamp_min(MIN_CURV)
         if self.wd:
             d = d + self.wd * theta

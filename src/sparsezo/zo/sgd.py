@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .arith import Ops
 
 REF_NUMEL = 106_168  # SmolLM2-135M's sensitive 0.1% set, where lr 1e-4 was measured best for ZO-SGD (DESIGN §8)
 # ... and its mean squared projected gradient E[g²] = E[((L+ − L−)/2ε)²] at θ₀ there (SST-2, ε 1e-2: 188 over
@@ -56,8 +57,10 @@ class SGD:
         """The step's q projected gradients as the update uses them (rules that rescale them override this)."""
         return grads
 
-    def __init__(self, numel: int, device, weight_decay: float = 0.0, **_: float):
+    def __init__(self, numel: int, device, weight_decay: float = 0.0, ops: Ops | None = None, **_: float):
+        """``ops``: the update arithmetic (zo/arith.py), that of the run's noise version."""
         self.wd = weight_decay
+        self.ops = ops or Ops()
         self.state = {k: torch.zeros(numel, dtype=torch.float32, device=device) for k in self.state_names}
 
     def direction(self, theta: torch.Tensor, grad: torch.Tensor, s: int, e: int, t: int) -> torch.Tensor:

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import SparseZOError
-from .noise import sample, step_seed
+from .arith import ops_for
+from .noise import NOISE_VERSION, NOISE_VERSIONS, sample, step_seed
 from .registry import OPTIMIZERS
 from .schedule import lr_at
 from .trainable import TrainableParams
@@ -48,6 +49,9 @@ class ZOConfig:
     schedule: str = "constant"
     warmup: int = 0
     seed: int = 0
+    # the noise generator and update arithmetic (zo/noise.py, zo/arith.py): 2 is the same on every
+    # device; trajectories written before it existed load as 1 and replay with the legacy ones
+    noise: int = NOISE_VERSION
 
     def validate(self) -> None:
         """Every setting in its range, finite where it is a float (inf/nan pass a ``> 0`` test or slip through)."""
@@ -66,6 +70,7 @@ class ZOConfig:
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.noise in NOISE_VERSIONS, f"noise version must be one of {NOISE_VERSIONS}, got {self.noise!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -106,8 +111,10 @@ class ZOEngine:
         self.params, self.cfg, self.total_steps = params, cfg, total_steps
         # a FusedPM (zo/fused.py): L+ and L− from one stacked forward when the loss offers ``pair()``
         self.fused = fused
+        self.ops = ops_for(cfg.noise)
         self.opt = OPTIMIZERS[cfg.optimizer](
-            params.numel, params.theta.device, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2
+            params.numel, params.theta.device, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2,
+            ops=self.ops,
         )
         # Within a step z is needed three times (+ε, −ε, update). Keeping it costs 4 bytes per
         # entry and query; below ``cache_bytes`` that is cheaper than generating it again
@@ -121,7 +128,7 @@ class ZOEngine:
         """z[s:e] of ``seed``: from this step's cache, else generated (and cached if allowed)."""
         z = self._z.get((seed, s))
         if z is None:
-            z = sample(seed, s, e, self.cfg.dist, self.params.theta.device)
+            z = sample(seed, s, e, self.cfg.dist, self.params.theta.device, self.cfg.noise)
             if self.cache_z:
                 self._z[(seed, s)] = z
         return z
@@ -145,7 +152,7 @@ class ZOEngine:
             v = self.params.theta[s:e] + scale * self.noise(seed, s, e)
             if keep:
                 v = v.to(self.params.dtype)
-                self._d[(seed, s)] = (self.params.read(s, e).float() - v.float()) / (2 * self.cfg.eps)
+                self._d[(seed, s)] = self.ops.div(self.params.read(s, e).float() - v.float(), 2 * self.cfg.eps)
                 del self._z[(seed, s)]
             self.params.write(v, s)
 
@@ -183,8 +190,8 @@ class ZOEngine:
             return z
         theta, eps = self.params.theta[s:e], self.cfg.eps
         if self.opt.one_sided:  # the loss difference was measured between cast(θ+εz) and cast(θ)
-            return (self.params.rounded(theta + eps * z) - self.params.rounded(theta)) / eps
-        return (self.params.rounded(theta + eps * z) - self.params.rounded(theta - eps * z)) / (2 * eps)
+            return self.ops.div(self.params.rounded(theta + eps * z) - self.params.rounded(theta), eps)
+        return self.ops.div(self.params.rounded(theta + eps * z) - self.params.rounded(theta - eps * z), 2 * eps)
 
     def apply(self, step: int, seeds: list[int], grads: list[float], lr: float,
               curvs: list[float] | None = None) -> None:
@@ -195,27 +202,26 @@ class ZOEngine:
 
         Raises :class:`SparseZOError` when θ leaves the finite floats: a bounded loss (``acc``)
         stays finite while θ overflows, so the loss check alone would let a NaN delta be saved.
-        θ is then unusable; the caller stops (training keeps its last checkpoint).
+        θ is then unusable; the caller stops (training keeps its last checkpoint). The check runs
+        once over the whole θ after the update: one host synchronisation a step, not one per block.
         """
         q = len(seeds)
         grads = self.opt.normalise(grads)
-        finite = True
         for s, e in self.params.blocks():
             grad = torch.mul(self.direction(seeds[0], s, e), grads[0] / q)  # = 0 + the first term, one pass less
             for seed, g in zip(seeds[1:], grads[1:]):
-                grad.add_(self.direction(seed, s, e), alpha=g / q)
+                self.ops.axpy_(grad, self.direction(seed, s, e), g / q)
             if curvs is None:
                 self.opt.update_(self.params.theta[s:e], grad, s, e, lr, step)
             else:
                 curv = torch.zeros_like(grad)
                 for seed, c in zip(seeds, curvs):
                     d = self.direction(seed, s, e)  # cached within the step: no second generation
-                    curv.addcmul_(d, d, value=abs(c) / q)
+                    self.ops.sq_axpy_(curv, d, abs(c) / q)
                 self.opt.update_(self.params.theta[s:e], grad, s, e, lr, step, curv=curv,
                                  curv_scale=sum(abs(c) for c in curvs) / q)
-            finite = finite and all_finite(self.params.theta[s:e])
         self._forget()
-        if not finite:
+        if not all_finite(self.params.theta):
             raise SparseZOError(f"the trainable weights became NaN or infinite at step {step} (lr {lr:g}, projected "
                                 f"gradient(s) {', '.join(f'{g:.3g}' for g in grads)}): the update diverged; lower --lr")
         self.params.restore()

@@ -12,6 +12,10 @@ Format 2 adds ``curvs`` (per step and query, the curvature (L+ + L− − 2·L(�
 ``hizoo`` optimiser's state is built from). It is written only by runs that record curvatures;
 every other run still writes format 1 byte for byte as before, so older sparsezo versions keep
 reading them, and format-1 files load here unchanged.
+
+The ZO settings (``zo`` in the header) hold the noise version (``noise``, zo/noise.py); a file
+written before version 2 has none and loads as version 1, so it replays with the generator and
+update arithmetic it was trained with.
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ class Trajectory:
             raise SparseZOError(f"{where}: lrs holds negative learning rates; the file is corrupt")
         if "zo" in meta:
             zo = json_field(meta, "zo", dict, where)
+            # written before noise version 2: replayed with the generator and arithmetic it was trained with
+            zo.setdefault("noise", 1)
             unknown = sorted(set(zo) - {f.name for f in fields(ZOConfig)})
             if unknown:
                 raise SparseZOError(f"{where}: zo settings have unknown key(s) {unknown}; written by another version?")

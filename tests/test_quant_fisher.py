@@ -1,0 +1,72 @@
+"""Fisher scores over a 4-bit base: the gradient w.r.t. each 4-bit layer's dequantized weight."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import WORDS, sentences, tiny_tokenizer
+from sparsezo.masks import compute_mask, sensitivity_scores
+from sparsezo.masks.quantized import QuantWeight, eligible_tensors
+from sparsezo.model.params import eligible_parameters
+from sparsezo.testing import tiny_llama
+from sparsezo.quant import QUANT_LAYERS
+from sparsezo.quant.convert import quantize_model
+
+TEXTS = [" ".join(s for _, s in sentences(400, 5))]
+OPTS = dict(calib_tokens=256, seq_len=32, micro_batch=2)
+
+
+def tiny_model(seed: int):
+    """Hidden size 64: every linear fits int4's groups of 64 inputs and NF4's blocks."""
+    return tiny_llama(seed=seed, vocab_size=len(WORDS), hidden=64, layers=2)
+
+
+def _bases(quant: str):
+    """(4-bit model, a dense model whose linear weights are exactly the 4-bit layers' dequantized ones)."""
+    if quant == "nf4":
+        pytest.importorskip("bitsandbytes")
+    q = quantize_model(tiny_model(3), quant=quant)
+    dense = tiny_model(3)
+    with torch.no_grad():
+        for name, m in q.named_modules():
+            if isinstance(m, QUANT_LAYERS):
+                dense.get_submodule(name).weight.copy_(m.dequantized())
+    return q, dense
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int4"])
+def test_fisher_over_a_4bit_base_equals_the_dense_fisher_of_its_dequantized_weights(quant):
+    q, dense = _bases(quant)
+    names = list(eligible_parameters(dense))
+    params = eligible_tensors(q)
+    assert list(params) == names and all(isinstance(p, QuantWeight) for p in params.values())
+    got = sensitivity_scores(q, tiny_tokenizer(), TEXTS, **OPTS)
+    ref = sensitivity_scores(dense, tiny_tokenizer(), TEXTS, **OPTS)
+    assert list(got) == names
+    for n in names:
+        assert got[n].shape == ref[n].shape
+        assert ref[n].abs().sum() > 0
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-10 * ref[n].abs().max().item())
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int4"])
+def test_a_mask_computed_over_a_4bit_base_is_usable_as_usual(quant):
+    q, dense = _bases(quant)
+    mask = compute_mask(q, "sensitive", 0.02, tokenizer=tiny_tokenizer(), texts=TEXTS, **OPTS)
+    ref = compute_mask(dense, "sensitive", 0.02, tokenizer=tiny_tokenizer(), texts=TEXTS, **OPTS)
+    assert mask.shapes == ref.shapes
+    overlap = sum(len(set(mask.indices[n].tolist()) & set(ref.indices[n].tolist())) for n in ref.indices)
+    assert overlap >= 0.95 * ref.num_trainable  # the same scores up to float rounding order
+    mask.check_model(tiny_model(3))  # the names and shapes of the dense model: quantize with it, train as usual
+    assert not any(isinstance(m, nn.Linear) and m.weight.requires_grad for m in q.modules())
+    assert all(type(m).forward is m.forward.__func__ for m in q.modules() if isinstance(m, QUANT_LAYERS))
+
+
+def test_rules_that_read_weight_values_are_refused_over_a_4bit_base():
+    from sparsezo.errors import SparseZOError
+
+    q = quantize_model(copy.deepcopy(tiny_model(3)), quant="int4")
+    with pytest.raises(SparseZOError, match="4-bit base"):
+        compute_mask(q, "magnitude-small", 0.02)
