@@ -785,7 +785,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from tqdm import tqdm
 
-    from .assets import default_calibration_file
     from .io import atomic_dir
     from .masks import compute_mask
     from .masks.sensitive import read_texts
@@ -793,7 +792,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .quant import quantize_model
     from .recipe import DEMO
     from .scoring import accuracy
-    from .tasks import get_task
+    from .tasks.embedded import demo_calibration_file, demo_task
     from .train import TrainConfig, fine_tune, run_meta, save_run
     from .zo import TrainableParams, ZOConfig
 
@@ -801,9 +800,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise SparseZOError(f"--out {args.out} already exists; choose another path or remove it")
     _absolute_paths(args)
     t0 = time.perf_counter()
-    splits = get_task(DEMO.task).splits(args.seed, DEMO.num_train, args.num_dev, DEMO.num_test)
+    splits = demo_task().splits(args.seed, DEMO.num_train, args.num_dev, DEMO.num_test)
+    calib = demo_calibration_file(args.calib_tokens).resolve()
     model, tok = load_model(args.model, args.dtype, args.device)
-    calib = default_calibration_file().resolve()
     mask = compute_mask(model, DEMO.mask, args.density, tokenizer=tok, texts=read_texts(calib), source=str(calib),
                         seed=args.seed, calib_tokens=args.calib_tokens, seq_len=DEMO.calib_seq_len)
     if args.quant:
