@@ -26,7 +26,7 @@ from .errors import SparseZOError, os_hint
 from .io import write_json, write_text
 from .evaluate import evaluate as evaluate_split
 from .quant import QUANT_LAYERS
-from .scoring import LOSSES, batch_loss, encode, make_batch
+from .scoring import LOSSES, encode, micro_batch_loss, micro_batches
 from .tasks import Example, Task
 from .zo import OPTIMIZERS, StepRecord, TrainableParams, Trajectory, ZOConfig, ZOEngine
 from .zo.fused import FusedPM, PMLoss
@@ -86,6 +86,7 @@ class TrainConfig:
     loss: str = "ce"
     keep_best: bool = True  # MeZO: return the θ with the best dev accuracy, not the last one
     fused_pm: str = "auto"  # both perturbed forwards as one stacked forward (zo/fused.py): on, off, or auto
+    bucket: bool = True  # a step's loss over length-bucketed micro-batches (scoring.micro_batches): no padding cost
     zo: ZOConfig = field(default_factory=ZOConfig)
     lr_auto: bool = False  # probe lr_grid on a dev subset first (see probe_lr); zo.lr is then set to the choice
     lr_grid: tuple[float, ...] | None = None  # --lr auto's candidates (None: the optimiser's own grid)
@@ -195,10 +196,10 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
                   g2, g2_forwards)
         return {"lr": chosen, "choice": "short-run", "probe_best_lr": None, "dev_loss": [], "start_dev_loss": None,
                 "steps_each": 0, "forwards": g2_forwards, **report}
-    batches = [(make_batch(encode(tokenizer, c), tokenizer.pad_token_id, device=device), len(c)) for c in chunks]
+    batches = micro_batches(encode(tokenizer, sub), tokenizer.pad_token_id, device, cfg.bucket)
 
     def dev_loss() -> float | None:
-        value = sum(batch_loss(model, b, cfg.loss) * n for b, n in batches) / len(sub)
+        value = micro_batch_loss(model, batches, cfg.loss)
         return value if math.isfinite(value) else None
 
     theta0 = params.theta.clone()
@@ -211,8 +212,8 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
             try:
                 for t in range(steps_each):
                     idx = batch_indices(cfg.zo.seed, t, len(encoded), cfg.batch_size)
-                    engine.step(t, PMLoss(model, make_batch([encoded[i] for i in idx], tokenizer.pad_token_id,
-                                                            device=device), cfg.loss))
+                    engine.step(t, PMLoss(model, micro_batches([encoded[i] for i in idx], tokenizer.pad_token_id,
+                                                               device, cfg.bucket), cfg.loss))
                     bar.update(1)
                 losses.append(dev_loss())
             except SparseZOError:  # diverged: θ or a loss left the finite floats
@@ -271,7 +272,7 @@ def projected_g2(model, tokenizer, params: TrainableParams, encoded: list, cfg: 
     total = 0.0
     for t in range(PROBE_G2_QUERIES):
         idx = batch_indices(cfg.zo.seed, t, len(encoded), cfg.batch_size)
-        batch = make_batch([encoded[i] for i in idx], tokenizer.pad_token_id, device=params.theta.device)
+        batch = micro_batches([encoded[i] for i in idx], tokenizer.pad_token_id, params.theta.device, cfg.bucket)
         g = engine.projected_gradient(step_seed(cfg.zo.seed, t), PMLoss(model, batch, cfg.loss))
         if not math.isfinite(g):
             raise SparseZOError(f"--lr auto: the loss is not finite at θ₀ ±ε·z (g = {g}); lower --eps")
@@ -475,7 +476,7 @@ def fine_tune(
         for step in bar:
             idx = batch_indices(cfg.zo.seed, step, len(encoded), cfg.batch_size)
             idx = idx if dist is None else dist.shard(idx)
-            b = make_batch([encoded[i] for i in idx], pad, device=device)
+            b = micro_batches([encoded[i] for i in idx], pad, device, cfg.bucket)
             loss = PMLoss(model, b, cfg.loss)
             rec: StepRecord = engine.step(step, loss) if dist is None else engine.step(step, loss, len(idx))
             trajectory.append(rec)
