@@ -34,6 +34,7 @@ DESCRIPTION = ("Fine-tune language models with zeroth-order (forward-pass-only) 
                "sensitive weights. Start with 'sparsezo demo'; 'sparsezo COMMAND --help' lists a command's options "
                "with their defaults.")
 DTYPES = ["bfloat16", "float16", "float32"]
+DTYPE_CHOICES = [*DTYPES, "auto"]  # auto: sparsezo.dtypes.default_dtype, resolved in main before a command runs
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -67,9 +68,10 @@ def _add_model_args(p: argparse.ArgumentParser, quant: bool = True, from_run: bo
     p.add_argument("--model", default=None,
                    help=f"local Hugging Face model folder, or a .gguf file (or a folder holding one), converted once into "
                         f"$SPARSEZO_HOME/gguf (default: {run}the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=None if from_run else "bfloat16", choices=DTYPES,
+    p.add_argument("--dtype", default=None if from_run else "bfloat16", choices=DTYPE_CHOICES,
                    help="compute dtype of the frozen weights; bfloat16 is ~3x faster than float32 on CPUs with "
-                        "avx512_bf16" + (" (default: the --delta run's, else bfloat16)" if from_run else ""))
+                        "avx512_bf16, ~5x slower without it (auto: bfloat16 on CUDA and such CPUs, else float32)"
+                        + (" (default: the --delta run's, else bfloat16)" if from_run else ""))
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     if quant:
         p.add_argument("--quant", default=None, choices=["nf4", "int4"],
@@ -1420,6 +1422,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args is None:
         return 2
+    if getattr(args, "dtype", None) == "auto":
+        from .dtypes import resolve_dtype
+
+        args.dtype = resolve_dtype(args.dtype, args.device)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging
