@@ -123,7 +123,8 @@ def build_demo_data(assets: Path, out: Path, num_train: int, num_dev: int, calib
     """Write the packaged folder's data files from the full assets (``NOTICE.md`` is kept by hand)."""
     sst2 = assets.joinpath(*_SST2)
     pool = read_tsv(sst2 / "train.tsv", ["label", "sentence"])
-    keep = sorted({int(i) for s in SEEDS for i in np.random.default_rng(s).permutation(len(pool))[: num_train + num_dev]})
+    first = num_train + num_dev  # the rows Task.splits takes from each seed's permutation
+    keep = sorted({int(i) for s in SEEDS for i in np.random.default_rng(s).permutation(len(pool))[:first]})
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "sst2_train.tsv", "idx\tlabel\tsentence\n"
                + "".join(f"{i}\t{pool[i]['label']}\t{pool[i]['sentence']}\n" for i in keep))
