@@ -17,6 +17,9 @@ by ±30% over seconds), and each part records the load average it ran under.
   with its mask, int4 base, at b1×32 (target: fused step ≤ 0.65 × two unfused forwards).
 - ``padding``: share of padded positions of the evaluation forwards (32 a batch) per task with
   data, length-bucketed vs input order.
+- ``train_padding``: the same for the training steps of the demo recipe (seed 0, 16 a step), one
+  padded batch per step vs length-bucketed micro-batches (``sparsezo.eval.scoring.micro_batches``), with
+  the token positions and forwards each computes.
 """
 
 from __future__ import annotations
@@ -145,9 +148,40 @@ def part_padding(batch_size: int) -> dict:
     return out
 
 
+def part_train_padding() -> dict:
+    from sparsezo import load_model
+    from sparsezo import DEMO
+    from sparsezo.eval.scoring import encode, micro_batches
+    from sparsezo.tasks import get_task
+    from sparsezo.training.batches import batch_indices
+
+    _, tok = load_model()  # the default model's tokenizer
+    out = {}
+    for name in ("sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record"):
+        try:
+            train = get_task(name).splits(DEMO.seed, DEMO.num_train, DEMO.num_dev, DEMO.num_test)["train"]
+        except Exception as e:  # noqa: BLE001 — a task without data here is reported, not fatal
+            out[name] = {"error": str(e).splitlines()[0]}
+            continue
+        enc = encode(tok, train)
+        row = {"steps": DEMO.steps, "batch_size": DEMO.batch_size}
+        for label, bucketed in (("one_batch", False), ("bucketed", True)):
+            cells = real = forwards = 0
+            for step in range(DEMO.steps):
+                idx = batch_indices(DEMO.seed, step, len(enc), DEMO.batch_size)
+                for b in micro_batches([enc[i] for i in idx], tok.pad_token_id or 0, bucketed=bucketed):
+                    cells += b.attention_mask.numel()
+                    real += int(b.attention_mask.sum())
+                    forwards += 1
+            row[label] = {"padding": round(1 - real / cells, 4), "positions": cells, "forwards": forwards}
+        out[name] = row
+        print(f"train padding {name}: {row}", file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="layer,default,padding", help="comma-separated: layer, default, 7b, padding")
+    ap.add_argument("--parts", default="layer,default,padding", help="comma-separated: layer, default, 7b, padding, train_padding")
     ap.add_argument("--tokens", default="1,32,256", help="token counts for the layer part")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds per comparison")
     ap.add_argument("--model-7b", default="/tmp/sparsezo-7b-32/bf16", help="7B-architecture checkpoint (or int4 folder)")
@@ -168,6 +202,8 @@ def main() -> None:
             res[part] = part_7b(args.model_7b, args.mask_7b, args.bases_7b.split(","), shapes, args.repeats)
         elif part == "padding":
             res[part] = part_padding(32)
+        elif part == "train_padding":
+            res[part] = part_train_padding()
         else:
             raise SystemExit(f"unknown part {part!r}")
         res[part]["seconds"] = round(time.perf_counter() - t0, 1)

@@ -15,17 +15,21 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def assets_dir(required: bool = True) -> Path | None:
-    """The assets folder, or ``None``/an error when none of the known locations exists."""
+    """The assets folder, or ``None``/an error when none of the known locations exists.
+
+    ``$SPARSEZO_ASSETS``, when set, is the only place looked at (so a test can hide ``../shared``).
+    The error names each place once: run from the project root, both defaults are the same folder.
+    """
     env = os.environ.get("SPARSEZO_ASSETS")
-    candidates = [Path(env)] if env else [Path.cwd().parent / "shared" / "assets", _REPO_ROOT.parent / "shared" / "assets"]
+    candidates = [Path(env)] if env else list(dict.fromkeys(
+        [(Path.cwd().parent / "shared" / "assets").resolve(), (_REPO_ROOT.parent / "shared" / "assets").resolve()]))
     for c in candidates:
         if c.is_dir():
             return c
     if required:
-        raise SparseZOError(
-            f"shared assets not found (looked in {', '.join(map(str, candidates))}); "
-            "set SPARSEZO_ASSETS to the folder holding data/ and calibration/, or pass --data-dir"
-        )
+        where = f"SPARSEZO_ASSETS={env} is not a folder" if env else f"not found in {', '.join(map(str, candidates))}"
+        raise SparseZOError(f"shared assets {where}; set SPARSEZO_ASSETS to the folder holding data/ and "
+                            "calibration/, or pass --data-dir")
     return None
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import Interrupted, SparseZOError, from_os_error, os_errno_in, os_hint
+from ..dtypes import AUTO, resolve_dtype
 from ..resources import start_memory_tracking
 from . import bench, demo, eval, export, info, mask, merge, plot, quantize, replay, train
 from .options import HelpFormatter
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args is None:
         return 2
+    if getattr(args, "dtype", None) == AUTO:
+        args.dtype = resolve_dtype(args.dtype, args.device)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging  # after the line above: read when its logging starts

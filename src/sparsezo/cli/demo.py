@@ -10,13 +10,12 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from ..assets import default_calibration_file
 from ..eval.scoring import accuracy
 from ..io import atomic_dir
 from ..masks import compute_mask
 from ..masks.sensitive import read_texts
 from ..model.load import build_model
-from ..tasks import get_task
+from ..tasks.embedded import demo_calibration_file, demo_task
 from ..training.loop import fine_tune
 from ..training.recipe import DEMO
 from ..training.rundir import learned, record_outcome, run_meta, save_run
@@ -55,8 +54,8 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     recipe = replace(DEMO, steps=args.steps, lr=args.lr, eps=args.eps, density=args.density,
                      eval_every=args.eval_every, num_dev=args.num_dev, calib_tokens=args.calib_tokens, seed=args.seed)
-    splits = get_task(recipe.task).splits(recipe.seed, recipe.num_train, recipe.num_dev, recipe.num_test)
-    calib = default_calibration_file().resolve()
+    splits = demo_task().splits(recipe.seed, recipe.num_train, recipe.num_dev, recipe.num_test)
+    calib = demo_calibration_file(recipe.calib_tokens).resolve()
 
     def sensitive_mask(model, tok):
         return compute_mask(model, recipe.mask, recipe.density, tokenizer=tok, texts=read_texts(calib),

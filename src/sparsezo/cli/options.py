@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from ..eval.scoring import LOSSES
+from ..dtypes import AUTO
 from ..model.params import DTYPES
 from ..quant import QUANT_TYPES
 from ..tasks import TASKS
@@ -20,6 +21,7 @@ from ..training.recipe import TRAIN
 from ..zo.registry import OPTIMIZERS
 
 DTYPE_NAMES = list(DTYPES)
+DTYPE_CHOICES = [*DTYPES, AUTO]  # auto: sparsezo.dtypes.default_dtype, resolved in main before a command runs
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -58,9 +60,10 @@ def add_model_args(p: argparse.ArgumentParser, quant: bool = True, from_run: boo
     p.add_argument("--model", default=None,
                    help=f"local Hugging Face model folder, or a .gguf file (or a folder holding one), converted once into "
                         f"$SPARSEZO_HOME/gguf (default: {run}the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=None if from_run else "bfloat16", choices=DTYPE_NAMES,
+    p.add_argument("--dtype", default=None if from_run else "bfloat16", choices=DTYPE_CHOICES,
                    help="compute dtype of the frozen weights; bfloat16 is ~3x faster than float32 on CPUs with "
-                        "avx512_bf16" + (" (default: the --delta run's, else bfloat16)" if from_run else ""))
+                        "avx512_bf16, ~5x slower without it (auto: bfloat16 on CUDA and such CPUs, else float32)"
+                        + (" (default: the --delta run's, else bfloat16)" if from_run else ""))
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     if quant:
         p.add_argument("--quant", default=None, choices=list(QUANT_TYPES),

@@ -34,6 +34,7 @@ class TrainConfig:
     loss: str = "ce"
     keep_best: bool = True  # MeZO: return the θ with the best dev accuracy, not the last one
     fused_pm: str = "auto"  # both perturbed forwards as one stacked forward (zo/fused.py): on, off, or auto
+    bucket: bool = True  # a step's loss over length-bucketed micro-batches (eval.scoring.micro_batches): no padding cost
     zo: ZOConfig = field(default_factory=ZOConfig)
     lr_auto: bool = False  # probe lr_grid on a dev subset first (see probe_lr); the result's zo.lr is the choice
     lr_grid: tuple[float, ...] | None = None  # --lr auto's candidates (None: the optimiser's own grid)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..errors import SparseZOError, os_hint
 from ..eval.evaluate import evaluate as evaluate_split
-from ..eval.scoring import encode, make_batch
+from ..eval.scoring import encode, micro_batches
 from ..io import write_text
 from ..model.params import model_fingerprint
 from ..quant import QUANT_LAYERS
@@ -245,7 +245,7 @@ def fine_tune(
         for step in bar:
             idx = batch_indices(cfg.zo.seed, step, len(encoded), cfg.batch_size)
             idx = idx if dist is None else dist.shard(idx)
-            b = make_batch([encoded[i] for i in idx], pad, device=device)
+            b = micro_batches([encoded[i] for i in idx], pad, device, cfg.bucket)
             loss = PMLoss(model, b, cfg.loss)
             rec: StepRecord = engine.step(step, loss) if dist is None else engine.step(step, loss, len(idx))
             trajectory.append(rec)

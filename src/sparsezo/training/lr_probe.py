@@ -10,7 +10,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..errors import SparseZOError
-from ..eval.scoring import batch_loss, encode, make_batch
+from ..eval.scoring import encode, micro_batch_loss, micro_batches
 from ..tasks import Example
 from ..zo import TrainableParams, ZOEngine, sgd
 from ..zo.fused import FusedPM, PMLoss
@@ -90,10 +90,10 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
                   g2, g2_forwards)
         return {"lr": chosen, "choice": "short-run", "probe_best_lr": None, "dev_loss": [], "start_dev_loss": None,
                 "steps_each": 0, "forwards": g2_forwards, **report}
-    batches = [(make_batch(encode(tokenizer, c), tokenizer.pad_token_id, device=device), len(c)) for c in chunks]
+    batches = micro_batches(encode(tokenizer, sub), tokenizer.pad_token_id, device, cfg.bucket)
 
     def dev_loss() -> float | None:
-        value = sum(batch_loss(model, b, cfg.loss) * n for b, n in batches) / len(sub)
+        value = micro_batch_loss(model, batches, cfg.loss)
         return value if math.isfinite(value) else None
 
     theta0 = params.theta.clone()
@@ -106,8 +106,8 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
             try:
                 for t in range(steps_each):
                     idx = batch_indices(cfg.zo.seed, t, len(encoded), cfg.batch_size)
-                    engine.step(t, PMLoss(model, make_batch([encoded[i] for i in idx], tokenizer.pad_token_id,
-                                                            device=device), cfg.loss))
+                    engine.step(t, PMLoss(model, micro_batches([encoded[i] for i in idx], tokenizer.pad_token_id,
+                                                               device, cfg.bucket), cfg.loss))
                     bar.update(1)
                 losses.append(dev_loss())
             except SparseZOError:  # diverged: θ or a loss left the finite floats
@@ -166,7 +166,7 @@ def projected_g2(model, tokenizer, params: TrainableParams, encoded: list, cfg: 
     total = 0.0
     for t in range(PROBE_G2_QUERIES):
         idx = batch_indices(cfg.zo.seed, t, len(encoded), cfg.batch_size)
-        batch = make_batch([encoded[i] for i in idx], tokenizer.pad_token_id, device=params.theta.device)
+        batch = micro_batches([encoded[i] for i in idx], tokenizer.pad_token_id, params.theta.device, cfg.bucket)
         g = engine.projected_gradient(step_seed(cfg.zo.seed, t), PMLoss(model, batch, cfg.loss))
         if not math.isfinite(g):
             raise SparseZOError(f"--lr auto: the loss is not finite at θ₀ ±ε·z (g = {g}); lower --eps")

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import SparseZOError
 from ..quant import QUANT_LAYERS
 from ..quant.int4 import Int4Linear, sparse_add_, sparse_layout
-from ..eval.scoring import Batch, batch_loss, candidate_logprobs, loss_from_scores
+from ..eval.scoring import Batch, candidate_logprobs, loss_from_scores, micro_batch_loss
 from .trainable import TrainableParams
 
 
@@ -39,21 +39,37 @@ def doubled(b: Batch) -> Batch:
 
 class PMLoss:
     """A step's loss function: ``loss()`` scores the batch at the weights as they are (the unfused
-    path calls it twice); ``loss.pair()`` gives (first half, second half) of one doubled forward."""
+    path calls it twice); ``loss.pair()`` gives (first half, second half) of one doubled forward.
 
-    def __init__(self, model: nn.Module, batch: Batch, kind: str = "ce"):
-        self.model, self.batch, self.kind = model, batch, kind
-        self._doubled: Batch | None = None
+    ``batch`` may be a list of micro-batches of the step (``scoring.micro_batches``): the loss is then
+    their example-weighted mean, the step's mean loss without padding every example to the longest.
+    """
+
+    def __init__(self, model: nn.Module, batch: Batch | list[Batch], kind: str = "ce"):
+        self.model, self.kind = model, kind
+        self.batches = batch if isinstance(batch, list) else [batch]
+        self._doubled: list[Batch] | None = None
+
+    @property
+    def max_tokens(self) -> int:
+        """Token positions of the step's largest forward (what decides whether fusing it pays)."""
+        return max(b.input_ids.numel() for b in self.batches)
 
     def __call__(self) -> float:
-        return batch_loss(self.model, self.batch, self.kind)
+        return micro_batch_loss(self.model, self.batches, self.kind)
 
     def pair(self) -> tuple[float, float]:
         if self._doubled is None:
-            self._doubled = doubled(self.batch)
-        scores = candidate_logprobs(self.model, self._doubled, mean=(self.kind == "lm"))
-        n = self.batch.gold.numel()
-        return loss_from_scores(scores[:n], self.batch, self.kind), loss_from_scores(scores[n:], self.batch, self.kind)
+            self._doubled = [doubled(b) for b in self.batches]
+        halves = []
+        for b, d in zip(self.batches, self._doubled):
+            scores = candidate_logprobs(self.model, d, mean=(self.kind == "lm"))
+            n = b.gold.numel()
+            halves.append((loss_from_scores(scores[:n], b, self.kind), loss_from_scores(scores[n:], b, self.kind), n))
+        if len(halves) == 1:  # exactly the one batch's losses (× n / n may move the last bit)
+            return halves[0][:2]
+        total = sum(n for _, _, n in halves)
+        return sum(p * n for p, _, n in halves) / total, sum(m * n for _, m, n in halves) / total
 
 
 class FusedPM:
@@ -99,7 +115,7 @@ class FusedPM:
         """Whether this step's loss is scored fused: it can pair, and its batch is within ``max_tokens``."""
         if not hasattr(loss_fn, "pair"):
             return False
-        return self.max_tokens is None or loss_fn.batch.input_ids.numel() <= self.max_tokens
+        return self.max_tokens is None or loss_fn.max_tokens <= self.max_tokens
 
     def _hook(self, layout: tuple[torch.Tensor, ...], in_features: int, s: int, e: int) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
