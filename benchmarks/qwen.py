@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sparsezo.errors import SparseZOError
 from sparsezo.io import atomic_path
-from sparsezo.models import sparsezo_home
+from sparsezo.model.paths import sparsezo_home
 
 FILE_NAME = "qwen2.5-coder-0.5b-instruct.gguf"
 VERSION = "0.9.0"

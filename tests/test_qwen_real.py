@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def qwen(qwen_gguf):
     """The GGUF file converted (once, cached by content in $SPARSEZO_HOME) and loaded in fp32."""
     from sparsezo.gguf_import import converted_folder
-    from sparsezo.models import load_model
+    from sparsezo import load_model
 
     folder = converted_folder(qwen_gguf)
     model, tok = load_model(folder, "float32")
@@ -34,7 +34,7 @@ def test_conversion_keeps_the_qwen2_architecture_and_its_separate_output_head(qw
     """The Hugging Face release ties the 151,936 × 896 embedding; this GGUF stores the head on its own
     (output.weight Q8_0 next to token_embd Q5_0, different roundings), so the conversion is untied and
     holds 630 M weights, not 494 M, and the memory estimate must count both matrices."""
-    from sparsezo.models import resident_bytes
+    from sparsezo.model.memory import resident_bytes
 
     model, cfg = qwen["model"], qwen["model"].config
     assert cfg.model_type == "qwen2" and not cfg.tie_word_embeddings
