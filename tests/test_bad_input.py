@@ -433,7 +433,14 @@ CASES = [
     Case("merge-nan-delta", lambda e, t: ["merge", "--delta", str(delta_variant(e, t, _nan_values)),
                                           "--out", str(t / "merged")], "NaN or infinite"),
     # --- trajectories (replay)
-    Case("traj-fewer-seeds", lambda e, t: replay(e, t, traj_variant(e, t, _fewer_seeds)), "seeds is int64"),
+    Case("traj-fewer-seeds", lambda e, t: replay(e, t, traj_variant(e, t, _fewer_seeds)),
+         "seeds holds 6 steps but lrs 8"),
+    Case("traj-fewer-lrs", lambda e, t: replay(e, t, traj_variant(e, t, lambda x, m: _set(
+        x, "lrs", x["lrs"][:-3].contiguous()))), "seeds holds 8 steps but lrs 5"),
+    Case("traj-zo-lr-string", lambda e, t: replay(e, t, traj_variant(e, t, lambda x, m: m["zo"].update(lr="fast"))),
+         "zo setting 'lr' is 'fast', expected type float"),
+    Case("traj-zo-q-float", lambda e, t: replay(e, t, traj_variant(e, t, lambda x, m: m["zo"].update(q=1.5))),
+         "zo setting 'q' is 1.5, expected type int"),
     Case("traj-zero-queries", lambda e, t: replay(e, t, traj_variant(e, t, lambda x, m: x.update(
         seeds=x["seeds"][:, :0].contiguous(), grads=x["grads"][:, :0].contiguous()))), "seeds is int64 \\[8, 0\\]"),
     Case("traj-nan-grad", lambda e, t: replay(e, t, traj_variant(e, t, _nan_grad)), "grads: 1 of"),
