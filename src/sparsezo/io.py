@@ -317,6 +317,14 @@ def check_writable(path: str | os.PathLike, need_bytes: int = 0, what: str = "--
                             f"{need_bytes / 2**20:.2f} MiB; free some space or choose another --out")
 
 
+NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # flock unsupported by the filesystem
+
+
+def _holder_record() -> bytes:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+
+
 class RunLock:
     """An exclusive lock on a run directory for as long as one process writes it.
 
@@ -364,6 +372,8 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
+                if e.errno in NO_FLOCK:
+                    return self._try_pid_lock()
                 self._remove_made()
                 if e.errno in (errno.EAGAIN, errno.EACCES):
                     return False
@@ -379,10 +389,84 @@ class RunLock:
         if os.fstat(fd).st_size > 0:  # left by a process that died holding it; the kernel has released it
             log.debug("taking over the stale lock of %s on %s", self.holder(), self.run_dir)
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        os.write(fd, _holder_record())
         self.fd = fd
         return True
+
+    def _try_pid_lock(self) -> bool:
+        """The fallback where ``flock`` is unsupported (some network filesystems): an exclusively
+        created lock file holding the writer's pid and host. A file whose holder is a dead pid on
+        this host is stale and taken over; one from another host is trusted until removed by hand,
+        because its pid cannot be checked from here."""
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                if self._pid_holder_alive():
+                    self._remove_made()
+                    return False
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # stale: its writer died without removing it
+                continue
+            except OSError as e:
+                self._remove_made()
+                raise SparseZOError(f"cannot lock run directory {self.run_dir}: cannot create {self.path} "
+                                    f"({e.strerror}); {os_hint(e.errno)}") from e
+            os.write(fd, _holder_record())
+            self.fd = fd
+            return True
+        self._remove_made()
+        return False
+
+    def _pid_holder_alive(self) -> bool:
+        """Whether the pid-file lock's holder may still run (unknown or remote holders count as alive)."""
+        try:
+            text = self.path.read_text()
+            if not text:  # a flock-style lock file left empty: no pid-file holder wrote it
+                return False
+            info = json.loads(text)
+            pid, host = int(info["pid"]), str(info["host"])
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return True
+        if host != socket.gethostname():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def check_readable(self, action: str) -> None:
+        """Refuse to read a run that a writer holds, with one line naming the holder.
+
+        Readers (replay, eval --delta, merge, export, info) read several files of a run; a
+        training process rewrites them at every checkpoint, so a read during training could mix
+        two checkpoints. Why a check and not a held shared lock: a reader must also work on a
+        read-only copy of a run, where it cannot create a lock file — and where no writer can
+        start either. A writer that starts after this check fails its own lock only if it races
+        the reader within the read itself; the files are replaced atomically, so such a reader
+        sees either the old or the new file of each name, and checkpoints carry their own digests.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no writer: writers create the lock file before they touch the run
+        except OSError:
+            return  # unreadable lock file: cannot tell; the files' own checks still apply
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            held = False
+        except OSError as e:
+            held = e.errno in (errno.EAGAIN, errno.EACCES) or (e.errno in NO_FLOCK and self._pid_holder_alive())
+        finally:
+            os.close(fd)  # closing drops the shared lock
+        if held:
+            raise SparseZOError(f"run directory {self.run_dir} is being written by {self.holder()} (lock "
+                                f"{self.path}); cannot {action} it until that run finishes or is stopped")
 
     def release(self) -> None:
         if self.fd is None:
