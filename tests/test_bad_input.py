@@ -303,6 +303,19 @@ def _pickle_only_model(env, tmp):
     return ["train", "--model", str(d), "--data-dir", env["data"], *DATA, *ZO, "--steps", "2", "--out", str(tmp / "out")]
 
 
+def _renamed_key_model(env, tmp, quant=None):
+    """A checkpoint whose embedding was renamed in the safetensors header: transformers would
+    initialise it at random and train on."""
+    d = tmp / "model"
+    shutil.copytree(env["model"], d)
+    w = d / "model.safetensors"
+    tensors = load_file(w)
+    tensors["model.embed_tokenz.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, w, metadata={"format": "pt"})
+    return ["train", "--model", str(d), "--data-dir", env["data"], *DATA, *ZO, "--steps", "2",
+            *(["--quant", quant] if quant else []), "--out", str(tmp / "out")]
+
+
 def _held_lock(path: Path) -> None:
     """Hold ``path``'s run lock from another open file description, as a second process would."""
     lock = RunLock(path).acquire()
@@ -349,6 +362,8 @@ CASES = [
     Case("calib-too-short", lambda e, t: ["mask", "compute", "--model", e["model"], "--mask", "sensitive",
                                           "--calib", str(_garbage(t, "short.txt", b"a few words")),
                                           "--out", str(t / "m.safetensors")], "smaller --calib-seq-len"),
+    Case("model-missing-key", lambda e, t: _renamed_key_model(e, t), "2 missing keys \\(lm_head.weight, model.embed_tokens.weight\\); 1 unexpected keys"),
+    Case("model-missing-key-nf4", lambda e, t: _renamed_key_model(e, t, "nf4"), "does not match its config.json"),
     Case("device-banana", lambda e, t: train(e, t, "--device", "banana"), "--device 'banana' is not a device"),
     Case("device-cuda-99", lambda e, t: train(e, t, "--device", "cuda:99"), "--device cuda:99"),
     Case("device-cuda-no-gpu", lambda e, t: train(e, t, "--device", "cuda"), "no CUDA GPU", needs_gpu_absent=True),
@@ -844,3 +859,14 @@ def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint_and_resumes(env, lo
     assert main(["train", "--resume", str(run)]) == 0
     for name in ("delta.safetensors", "trajectory.safetensors"):
         assert (run / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_streaming_4bit_load_refuses_a_tensor_of_another_model(env, tmp_path):
+    """The 4-bit path reads the checkpoint itself (no from_pretrained): a stray tensor is an error there too."""
+    from sparsezo.masks import Mask
+    from sparsezo.quant import load_quantized
+
+    _renamed_key_model(env, tmp_path)
+    mask = Mask.load(env["other_mask"])
+    with pytest.raises(Exception, match="holds model.embed_tokenz.weight, which has no place in the model"):
+        load_quantized(tmp_path / "model", mask, torch.float32)
