@@ -43,16 +43,17 @@ PEFT_MIN = "0.17"  # first PEFT with SHiRA
 
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from .quant.nf4 import NF4Linear
+    """Linear layers by weight name: dense ``nn.Linear`` and every 4-bit layer type."""
+    from .quant import QUANT_LAYERS
 
-    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))}
+    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (nn.Linear, *QUANT_LAYERS))}
 
 
 def _base_values(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """The base weight's entries at ``idx`` in the model's dtype: a 4-bit layer kept them exactly."""
-    from .quant.nf4 import NF4Linear
+    from .quant import QUANT_LAYERS
 
-    if isinstance(module, NF4Linear):
+    if isinstance(module, QUANT_LAYERS):
         if not torch.equal(module.idx.cpu(), idx.cpu()):
             raise SparseZOError("PEFT export: the 4-bit base was quantized for another mask than the delta's; "
                                 "export with the base the run trained on (its recorded --model)")
@@ -106,7 +107,7 @@ def export_peft(model: nn.Module, delta, out: str | os.PathLike, base_name: str 
     from safetensors.torch import save_file
 
     from .io import atomic_dir, write_json
-    from .quant.nf4 import NF4Linear
+    from .quant import QUANT_LAYERS
 
     delta.mask.check_model(model, "delta")
     linears = _linear_modules(model)
@@ -120,7 +121,7 @@ def export_peft(model: nn.Module, delta, out: str | os.PathLike, base_name: str 
                             "adapter would be larger than the weights: use sparsezo merge or --format gguf")
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     dims = {n: tuple(delta.mask.shapes[n]) for n in names}  # (out, in)
-    four_bit = any(isinstance(linears[n], NF4Linear) for n in names)
+    four_bit = any(isinstance(linears[n], QUANT_LAYERS) for n in names)
     r, dense = plan_rank({n: delta.mask.indices[n].numel() for n in names}, dims,
                          None if four_bit else dtype.itemsize)
     too_dense = [n for n in names if n not in dense and r * sum(dims[n]) > dims[n][0] * dims[n][1]]
