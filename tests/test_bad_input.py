@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import save_tiny_model, write_jsonl, write_sst2
 from sparsezo.cli import main
-from sparsezo.training.rundir import RunLock
+from sparsezo.training.lock import RunLock
 
 DATA = ["--dtype", "float32", "--num-train", "64", "--num-dev", "16", "--num-test", "16"]
 ZO = ["--mask", "random", "--density", "0.05", "--lr", "3e-3", "--eps", "1e-3", "--eval-every", "4"]
@@ -303,6 +303,19 @@ def _pickle_only_model(env, tmp):
     return ["train", "--model", str(d), "--data-dir", env["data"], *DATA, *ZO, "--steps", "2", "--out", str(tmp / "out")]
 
 
+def _renamed_key_model(env, tmp, quant=None):
+    """A checkpoint whose embedding was renamed in the safetensors header: transformers would
+    initialise it at random and train on."""
+    d = tmp / "model"
+    shutil.copytree(env["model"], d)
+    w = d / "model.safetensors"
+    tensors = load_file(w)
+    tensors["model.embed_tokenz.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, w, metadata={"format": "pt"})
+    return ["train", "--model", str(d), "--data-dir", env["data"], *DATA, *ZO, "--steps", "2",
+            *(["--quant", quant] if quant else []), "--out", str(tmp / "out")]
+
+
 def _held_lock(path: Path) -> None:
     """Hold ``path``'s run lock from another open file description, as a second process would."""
     lock = RunLock(path).acquire()
@@ -325,6 +338,9 @@ CASES = [
     Case("lr-inf", lambda e, t: train(e, t, "--lr", "inf"), "--lr must be a finite number"),
     Case("lr-zero", lambda e, t: train(e, t, "--lr", "0"), "--lr must be > 0"),
     Case("eps-negative", lambda e, t: train(e, t, "--eps=-1e-3"), "--eps must be > 0"),
+    Case("eps-huge", lambda e, t: train(e, t, "--eps", "1e30", "--loss", "acc"), "--eps 1e\\+30 is not small"),
+    Case("eps-weight-sized", lambda e, t: train(e, t, "--eps", "0.5"), "their RMS is"),
+    Case("lr-diverges", lambda e, t: train(e, t, "--lr", "1e3"), "θ diverged at step"),
     Case("weight-decay-negative", lambda e, t: train(e, t, "--weight-decay", "-0.1"), "--weight-decay must be >= 0"),
     Case("q-zero", lambda e, t: train(e, t, "--q", "0"), "--q must be > 0"),
     Case("fused-pm-one-sided", lambda e, t: train(e, t, "--optimizer", "fzoo", "--q", "4", "--fused-pm"),
@@ -340,6 +356,14 @@ CASES = [
     Case("exclude-bad-regex", lambda e, t: train(e, t, "--exclude", "[a-"), "--exclude '\\[a-' is not a valid regular"),
     Case("mask-compute-bad-regex", lambda e, t: ["mask", "compute", "--model", e["model"], "--mask", "random",
                                                  "--include", "(", "--out", str(t / "m.safetensors")], "--include"),
+    Case("calib-binary-bytes", lambda e, t: ["mask", "compute", "--model", e["model"], "--mask", "sensitive",
+                                             "--calib", str(_garbage(t, "random.bin", bytes(range(1, 128)) * 40)),
+                                             "--out", str(t / "m.safetensors")], "does not look like text"),
+    Case("calib-too-short", lambda e, t: ["mask", "compute", "--model", e["model"], "--mask", "sensitive",
+                                          "--calib", str(_garbage(t, "short.txt", b"a few words")),
+                                          "--out", str(t / "m.safetensors")], "smaller --calib-seq-len"),
+    Case("model-missing-key", lambda e, t: _renamed_key_model(e, t), "2 missing keys \\(lm_head.weight, model.embed_tokens.weight\\); 1 unexpected keys"),
+    Case("model-missing-key-nf4", lambda e, t: _renamed_key_model(e, t, "nf4"), "does not match its config.json"),
     Case("device-banana", lambda e, t: train(e, t, "--device", "banana"), "--device 'banana' is not a device"),
     Case("device-cuda-99", lambda e, t: train(e, t, "--device", "cuda:99"), "--device cuda:99"),
     Case("device-cuda-no-gpu", lambda e, t: train(e, t, "--device", "cuda"), "no CUDA GPU", needs_gpu_absent=True),
@@ -427,7 +451,14 @@ CASES = [
     Case("merge-nan-delta", lambda e, t: ["merge", "--delta", str(delta_variant(e, t, _nan_values)),
                                           "--out", str(t / "merged")], "NaN or infinite"),
     # --- trajectories (replay)
-    Case("traj-fewer-seeds", lambda e, t: replay(e, t, traj_variant(e, t, _fewer_seeds)), "seeds is int64"),
+    Case("traj-fewer-seeds", lambda e, t: replay(e, t, traj_variant(e, t, _fewer_seeds)),
+         "seeds holds 6 steps but lrs 8"),
+    Case("traj-fewer-lrs", lambda e, t: replay(e, t, traj_variant(e, t, lambda x, m: _set(
+        x, "lrs", x["lrs"][:-3].contiguous()))), "seeds holds 8 steps but lrs 5"),
+    Case("traj-zo-lr-string", lambda e, t: replay(e, t, traj_variant(e, t, lambda x, m: m["zo"].update(lr="fast"))),
+         "zo setting 'lr' is 'fast', expected type float"),
+    Case("traj-zo-q-float", lambda e, t: replay(e, t, traj_variant(e, t, lambda x, m: m["zo"].update(q=1.5))),
+         "zo setting 'q' is 1.5, expected type int"),
     Case("traj-zero-queries", lambda e, t: replay(e, t, traj_variant(e, t, lambda x, m: x.update(
         seeds=x["seeds"][:, :0].contiguous(), grads=x["grads"][:, :0].contiguous()))), "seeds is int64 \\[8, 0\\]"),
     Case("traj-nan-grad", lambda e, t: replay(e, t, traj_variant(e, t, _nan_grad)), "grads: 1 of"),
@@ -829,3 +860,14 @@ def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint_and_resumes(env, lo
     assert main(["train", "--resume", str(run)]) == 0
     for name in ("delta.safetensors", "trajectory.safetensors"):
         assert (run / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_streaming_4bit_load_refuses_a_tensor_of_another_model(env, tmp_path):
+    """The 4-bit path reads the checkpoint itself (no from_pretrained): a stray tensor is an error there too."""
+    from sparsezo.masks import Mask
+    from sparsezo.quant import load_quantized
+
+    _renamed_key_model(env, tmp_path)
+    mask = Mask.load(env["other_mask"])
+    with pytest.raises(Exception, match="holds model.embed_tokenz.weight, which has no place in the model"):
+        load_quantized(tmp_path / "model", mask, torch.float32)

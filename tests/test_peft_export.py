@@ -106,3 +106,31 @@ def test_padding_positions_are_free_and_deterministic():
     idx = torch.tensor([0, 1, 2, 5, 9])
     pad = _padding(idx, 20, 9)
     assert pad.tolist() == [3, 4, 6, 7] and not set(pad.tolist()) & set(idx.tolist())
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int4"])
+def test_a_delta_trained_over_a_4bit_base_exports_for_every_4bit_type(tmp_path, quant):
+    """The adapter on the full-precision base equals sparsezo's merge (base + delta), whatever 4-bit layer
+    the run trained over: a 4-bit layer keeps its trained entries' base values exactly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sparsezo.export_peft import export_peft
+    from sparsezo.models import load_model
+    from sparsezo.quant import QUANT_LAYERS, load_quantized
+
+    if quant == "nf4":
+        pytest.importorskip("bitsandbytes", reason="NF4 needs bitsandbytes")
+    folder = save_tiny_model(tmp_path / "base")
+    dense, _ = load_model(folder, "float32")
+    delta = _delta(dense, include=r"down_proj")  # 64 inputs: a whole int4 group
+    four_bit = load_quantized(folder, delta.mask, torch.float32, quant=quant)
+    assert any(isinstance(m, QUANT_LAYERS) for m in four_bit.modules())
+    info = export_peft(four_bit, delta, tmp_path / "adapter", base_name=str(folder))
+    assert info["trained_entries"] == delta.mask.num_trainable and info["inexact_entries"] == 0
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                                        tmp_path / "adapter").eval()
+    delta.apply(dense)
+    ids = torch.arange(3, 20)[None]
+    with torch.no_grad():
+        assert (adapted(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max() <= 1e-5

@@ -46,11 +46,17 @@ def test_mean_scores_divide_by_candidate_length():
     assert m[0].tolist() == pytest.approx([s[0, 0].item(), s[0, 1].item(), s[0, 2].item() / 3], abs=1e-6)
 
 
-def test_long_prompts_are_cut_from_the_left():
+def test_long_prompts_are_cut_from_the_left_and_reported(caplog):
     tok = tiny_tokenizer()
     ex = Example(" ".join(["the"] * 50 + ["good"]), [" fun film"], 0)
-    enc = encode(tok, [ex], max_length=10)[0]
-    assert len(enc.prompt) + 2 == 10 and enc.prompt[-1] == tok.convert_tokens_to_ids("good")
+    short = Example("the good", [" fun film"], 0)
+    with caplog.at_level("WARNING", logger="sparsezo"):
+        enc = encode(tok, [ex, short], max_length=10)
+        encode(tok, [ex, short], max_length=10)  # the same split again: reported once
+    assert len(enc[0].prompt) + 2 == 10 and enc[0].prompt[-1] == tok.convert_tokens_to_ids("good")
+    assert enc[1].prompt == tok("the good")["input_ids"]
+    warnings = [r.getMessage() for r in caplog.records if "were cut from the left" in r.getMessage()]
+    assert len(warnings) == 1 and "1 of 2 prompts exceed 10 tokens" in warnings[0]
 
 
 def test_acc_loss_is_one_minus_batch_accuracy():

@@ -119,8 +119,15 @@ def test_small_pool_is_split_proportionally_and_warns(tmp_path, caplog):
         splits, train_ids, dev_ids = _recording_splits(task, seed=3, num_train=1000, num_dev=500)
     assert task.split_sizes == {"train": 6, "dev": 4, "test": 3}
     assert "task rte" in caplog.text and "10 rows" in caplog.text and "6 train + 4 dev" in caplog.text
+    assert "4 dev examples are below the 32 that selecting the best step needs" in caplog.text
     assert not set(train_ids) & set(dev_ids)
     assert splits == get_task("rte", tmp_path).splits(seed=3, num_train=1000, num_dev=500)
+    # a huge --num-train starves dev: said, with the minimum
+    big = get_task("rte", _rte_dir(tmp_path / "big", n_train=1000))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        big.splits(seed=0, num_train=100_000, num_dev=500)
+    assert big.split_sizes["dev"] == 5 and "5 dev examples are below the 32" in caplog.text
     # extreme ratios still leave one of each; eval-only and exact fits are untouched and silent
     assert get_task("rte", tmp_path).splits(seed=0, num_train=1, num_dev=1000)["train"] != []
     assert {k: len(v) for k, v in get_task("rte", tmp_path).splits(seed=0, num_train=1000, num_dev=1).items()} == \

@@ -24,7 +24,8 @@ from ..training.config import TrainConfig
 from ..training.distributed import DistContext, check_one_process, check_split, init_from_env, launch
 from ..training.loop import fine_tune
 from ..training.recipe import TRAIN
-from ..training.rundir import (RunLock, entries_bound, learned, record_outcome, resume_settings, run_bytes, run_meta,
+from ..training.lock import RunLock
+from ..training.rundir import (entries_bound, learned, record_outcome, resume_settings, run_bytes, run_meta,
                                save_run)
 from ..zo import TrainableParams
 from .common import (absolute_paths, check_common, emit, memory_text, model_and_mask, recorded_path, splits_of,

@@ -9,6 +9,7 @@ last position (the shared prefix is computed once).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from ..errors import SparseZOError
 from ..tasks import Example
 
 LOSSES = ("ce", "lm", "acc")
+_log = logging.getLogger("sparsezo")
 
 
 @dataclass
@@ -49,17 +51,36 @@ def encode(tokenizer, examples: list[Example], max_length: int = 1024) -> list[E
     """Tokenize prompts (with the tokenizer's special tokens) and candidates (without).
 
     Prompts that would not fit with their longest candidate are cut from the left, keeping
-    the end of the prompt, which is where the question and answer cue are.
+    the end of the prompt, which is where the question and answer cue are. Cutting changes what
+    the model sees, so it is reported (once per distinct set of examples), never silent.
     """
-    out = []
+    out, cut = [], []
     for ex in examples:
         prompt = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
         cands = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in ex.candidates]
         if any(len(c) == 0 for c in cands):
             raise SparseZOError(f"a candidate of prompt {ex.prompt[:40]!r} tokenizes to nothing: {ex.candidates}")
         room = max_length - max(len(c) for c in cands)
-        out.append(Encoded(prompt[-room:] if len(prompt) > room else prompt, cands, ex.gold))
+        if len(prompt) > room:
+            cut.append(len(prompt) - room)
+            prompt = prompt[-room:]
+        out.append(Encoded(prompt, cands, ex.gold))
+    if cut:
+        _report_truncation(len(cut), len(examples), max(cut), max_length)
     return out
+
+
+_REPORTED: set[tuple[int, int, int]] = set()
+
+
+def _report_truncation(n_cut: int, n: int, most: int, max_length: int) -> None:
+    """One warning per distinct (cut, total, longest cut): evaluation re-encodes the same split often."""
+    key = (n_cut, n, most)
+    if key not in _REPORTED:
+        _REPORTED.add(key)
+        _log.warning("warning: %d of %d prompts exceed %d tokens with their answer and were cut from the left (their "
+                     "start dropped, up to %d tokens); shorten the template or the inputs to keep them whole",
+                     n_cut, n, max_length, most)
 
 
 def make_batch(encoded: list[Encoded], pad_id: int, padding_side: str = "right", device="cpu") -> Batch:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import SparseZOError
-from ..model.params import eligible_parameters, model_fingerprint
+from ..model.params import model_fingerprint
 from . import full, magnitude, random, sensitive
 from .base import Mask, MaskContext, exact_count, select_top
 from .quantized import QuantWeight, check_quant_rule, eligible_tensors

@@ -31,6 +31,7 @@ import functools
 import logging
 import math
 import time
+import unicodedata
 from collections.abc import Callable
 
 import torch
@@ -59,8 +60,11 @@ def calibration_batches(tokenizer, texts: list[str], calib_tokens: int, seq_len:
     if n_rows == 0:
         raise SparseZOError(
             f"calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}; "
-            "give a longer --calib file or a smaller --seq-len"
+            "give a longer --calib file or a smaller --calib-seq-len"
         )
+    if len(ids) < calib_tokens:
+        log.warning("warning: the calibration text has %d tokens, fewer than --calib-tokens %d: the Fisher score uses "
+                     "%d; give a longer --calib file for the full budget", len(ids), calib_tokens, n_rows * seq_len)
     return torch.tensor(ids[: n_rows * seq_len]).view(n_rows, seq_len)
 
 
@@ -336,4 +340,25 @@ def read_texts(path) -> list[str]:
         texts = [raw]
     if not any(t.strip() for t in texts):
         raise SparseZOError(f"calibration file {path} is empty; give a file with text in it")
+    check_text(texts, path)
     return texts
+
+
+MAX_NON_TEXT = 0.01  # share of control/replacement characters above which a file is not text
+
+
+def check_text(texts: list[str], path) -> None:
+    """Refuse binary data that happens to decode as UTF-8 (e.g. bytes < 0x80 are all valid UTF-8).
+
+    Natural text has essentially no control characters besides whitespace, and no U+FFFD (what a
+    lossy decoder left behind). A Fisher score computed on garbage would select weights that carry
+    no language signal, silently, so more than ``MAX_NON_TEXT`` of such characters is an error.
+    """
+    total = bad = 0
+    for t in texts:
+        total += len(t)
+        bad += sum(1 for c in t if c == "\ufffd" or (unicodedata.category(c) == "Cc" and c not in "\t\n\r\f\v"))
+    if total and bad / total > MAX_NON_TEXT:
+        raise SparseZOError(f"calibration file {path} does not look like text: {bad / total:.1%} of its characters "
+                            f"are control or replacement characters (at most {MAX_NON_TEXT:.0%} allowed); "
+                            "pass --calib a UTF-8 text or JSONL file")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
@@ -59,7 +60,9 @@ def load_model(
         elif quant is not None and mask is not None:
             model = load_quantized(folder, mask, DTYPES[dtype], quant=quant)
         else:  # bf16 weights of a bf16 checkpoint stay mmap views of its shards (evictable page cache)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], use_safetensors=True)
+            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], use_safetensors=True,
+                                                               output_loading_info=True)
+            check_loading_info(info, folder)
         tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -99,3 +102,22 @@ def build_model(path: str | os.PathLike | None = None, dtype: str = "bfloat16", 
     if quant:
         quantize_model(model, chosen, quant=quant)
     return model, tok, chosen
+
+
+def check_loading_info(info: dict[str, Any], folder: Path) -> None:
+    """Refuse a checkpoint whose tensors do not match the model's: transformers would initialise
+    missing weights at random (and drop unexpected ones) with only a log line, and a fine-tune of
+    a half-random model trains and evaluates without any other sign.
+
+    The allowed exceptions are transformers' own rules, not a list of names: tied weights (the LM
+    head sharing the embedding) and the keys a model class declares ignorable (e.g. rotary
+    ``inv_freq`` buffers that old checkpoints carry and the model rebuilds) never appear in ``info``.
+    """
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})")
+    if problems:
+        raise SparseZOError(f"the checkpoint in {folder} does not match its config.json: {'; '.join(problems)}; it is "
+                            "incomplete or belongs to another model: point --model at the folder the weights came from")

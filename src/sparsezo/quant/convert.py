@@ -105,17 +105,17 @@ def _set_dense(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise SparseZOError(f"checkpoint tensor {key} matches no parameter of the model; is it the right folder?")
 
 
-def _known(model: nn.Module, key: str) -> bool:
-    """Whether a checkpoint tensor has a place in the model; others (e.g. the rotary ``inv_freq`` old
-    checkpoints carry) are skipped with a note, as transformers does."""
+def _known(model: nn.Module, key: str, folder: Path) -> bool:
+    """Whether a checkpoint tensor has a place in the model (parameters and buffers, the rotary
+    ``inv_freq`` old checkpoints carry included); any other tensor means another model's checkpoint."""
     mname, _, pname = key.rpartition(".")
     try:
         module = model.get_submodule(mname) if mname else model
     except AttributeError:
         module = None
     if module is None or (pname not in module._parameters and pname not in module._buffers):
-        log.warning("checkpoint tensor %s has no place in the model; skipped", key)
-        return False
+        raise SparseZOError(f"the checkpoint in {folder} holds {key}, which has no place in the model its config.json "
+                            "describes; it belongs to another model: point --model at the folder the weights came from")
     return True
 
 
@@ -135,7 +135,7 @@ def load_quantized(folder: str | os.PathLike, mask: Mask, dtype: torch.dtype = t
             shells[key].quantize_(t, None)
         elif key.endswith(".bias") and f"{key[:-5]}.weight" in shells:
             shells[f"{key[:-5]}.weight"].bias.data.copy_(t.to(dtype))
-        elif _known(model, key):
+        elif _known(model, key, folder):
             _set_dense(model, key, t.to(dtype))
         del t
     model.sparsezo_quant = {"mask": mask.meta}
@@ -210,7 +210,7 @@ def quantize_folder(src: str | os.PathLike, mask: Mask, out: str | os.PathLike, 
                     writer.add(f"{mname}.{bname}", b)
                     sizes["quantized"] += b.numel() * b.element_size()
                 layers[mname] = _layer_info(layer, f"{mname}.bias" in shapes)
-            elif _known(empty, key):
+            elif _known(empty, key, src):
                 writer.add(key, t.to(dtype))
                 sizes["dense"] += t.numel() * dtype.itemsize
             del t

@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import SparseZOError
 
 log = logging.getLogger(__name__)
+MIN_DEV = 32  # dev examples below which "best dev" is mostly noise (±9 points at 50% accuracy)
 
 
 @dataclass
@@ -99,8 +100,11 @@ class Task:
                 num_train = max(num_train, 1)
             num_dev = n - num_train
             log.warning(
-                "task %s: training pool has only %d rows, fewer than %d train + %d dev asked; using %d train + %d dev",
+                "task %s: training pool has only %d rows, fewer than %d train + %d dev asked; using %d train + %d dev%s",
                 self.name, n, *asked, num_train, num_dev,
+                f"; {num_dev} dev examples are below the {MIN_DEV} that selecting the best step needs (it will pick "
+                "noise): lower --num-train to leave more for dev, or pass --keep-last" if num_dev < min(asked[1], MIN_DEV)
+                else "",
             )
         test_order = rng.permutation(len(test_pool))[:num_test]
         pick = lambda pool, idx: [self.format(pool[int(i)]) for i in idx]  # noqa: E731

@@ -29,6 +29,7 @@ from ..tasks import Example, Task
 from ..tensorboard import TensorBoardLog
 from ..zo import StepRecord, TrainableParams, Trajectory, ZOEngine
 from ..zo.fused import FusedPM, PMLoss
+from ..zo.guards import DriftGuard, check_eps, weight_scale
 from ..zo.registry import OPTIMIZERS
 from .batches import batch_indices
 from .checkpoint import TrainState, check_resumable, save_checkpoint
@@ -37,7 +38,6 @@ from .distributed import DistContext, DistributedEngine, check_consistent, check
 from .lr_probe import probe_lr
 
 _log = logging.getLogger("sparsezo")
-DRIFT_WARN = 10.0  # warn when RMS(θ − θ₀) exceeds this many times RMS(θ₀): the weights are being overwritten
 IMPROVED_SE = 2.0  # "improved" = best dev above the step-0 dev by more than this many standard errors
 
 
@@ -67,46 +67,6 @@ def _not_improved_hint(history: list[dict[str, Any]], key: str, start: float, se
             f"the dev value stayed within noise: try --lr {lr * 3:.3g} or more --steps (or --lr {lr / 3:.3g}: "
             "a too-large lr can also keep dev flat, its noise cancelling what it learns)")
     return f"{what}, or --lr auto to probe a grid of lrs first"
-
-
-class DriftWatch:
-    """Warns once when θ has moved implausibly far from where it started, for the lr in use.
-
-    A sparse fine-tune nudges weights; when the RMS distance RMS(θ − θ₀) exceeds ``DRIFT_WARN``
-    times the RMS of the trained weights themselves, the update has replaced them with noise
-    (e.g. --lr 1e3 drives |θ| to 1e6 while a bounded loss stays finite). That is not an error —
-    a user may mean it — but it must not pass unnoticed. Checked every ``every`` steps: one pass
-    over θ, negligible next to the forwards of those steps.
-
-    θ₀ is kept in the compute dtype: it *is* the base weights, exactly, at a half of θ's bytes
-    for bf16 (full ZO trains every eligible weight, so a second fp32 θ would not be cheap).
-    Sums run in float64 over chunks: |θ| ~ 1e37 squares to inf in fp32.
-    """
-
-    CHUNK = 1 << 22
-
-    def __init__(self, theta0: torch.Tensor, dtype: torch.dtype, every: int = 10):
-        self.theta0, self.every, self.warned = theta0.to(dtype, copy=True), every, False
-        self.scale = max(self._rms(theta0), 1e-8)
-
-    def _rms(self, t: torch.Tensor, minus: torch.Tensor | None = None) -> float:
-        total = 0.0
-        for s in range(0, t.numel(), self.CHUNK):
-            d = t[s : s + self.CHUNK].double()
-            if minus is not None:
-                d = d - minus[s : s + self.CHUNK].double()
-            total += d.pow(2).sum().item()
-        return math.sqrt(total / max(t.numel(), 1))
-
-    def check(self, theta: torch.Tensor, step: int, lr: float) -> None:
-        if self.warned or step % self.every:
-            return
-        drift = self._rms(theta, self.theta0)
-        if not math.isnan(drift) and drift > DRIFT_WARN * self.scale:
-            self.warned = True
-            _log.warning("warning: after %d steps the trained weights moved %.3g (RMS) from their start, %.3gx their "
-                         "own RMS %.3g: lr %g is implausibly large for them; the fine-tune is likely destroying the "
-                         "model, lower --lr", step, drift, drift / self.scale, self.scale, lr)
 
 
 def fused_engine(model: torch.nn.Module, params: TrainableParams, cfg: TrainConfig) -> FusedPM | None:
@@ -216,7 +176,9 @@ def fine_tune(
         return value
 
     t0 = time.perf_counter()
-    drift = DriftWatch(params.theta, params.dtype)
+    scale = weight_scale(params)
+    check_eps(cfg.zo.eps, scale)
+    drift = DriftGuard(params, scale)
     lr_probe = None
     if cfg.lr_auto and resume:
         lr_probe = next((r["lr_auto"] for r in history if "lr_auto" in r), None)
@@ -252,8 +214,9 @@ def fine_tune(
             running = rec.loss if running is None else 0.95 * running + 0.05 * rec.loss
             log({"step": step + 1, "loss": rec.loss, "grad": rec.grads, "seed": rec.seeds, "lr": rec.lr,
                  **({"curv": rec.curvs} if rec.curvs is not None else {})})
-            drift.check(params.theta, step + 1, rec.lr)
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            evaluating = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
+            drift.check(params.theta, step + 1, rec.lr, force=evaluating)
+            if evaluating:
                 acc = evaluate(step + 1)
                 bar.unpause()  # the step rate and ETA count ZO steps only, not the dev pass just shown
                 if acc > best_acc or not cfg.keep_best:

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
-import json
-import logging
 import math
-import os
-import socket
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import SparseZOError, os_hint
-from ..io import make_parents, read_json, remove_empty, write_json
+from ..errors import SparseZOError
+from ..io import read_json, write_json
 from ..zo import TrainableParams, Trajectory, ZOConfig
 from ..zo.registry import state_vectors
 from .checkpoint import Delta
 from .config import TrainConfig, TrainResult
 
-log = logging.getLogger("sparsezo")
 
 
 def run_meta(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
@@ -123,88 +114,3 @@ def resume_settings(run: Path, defaults: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
-class RunLock:
-    """An exclusive lock on a run directory for as long as one process writes it.
-
-    The lock is ``flock`` on ``PARENT/.NAME.lock`` (beside the run directory, which a fresh run
-    creates only by renaming a finished temporary folder into place). The kernel drops it when
-    the holder exits, however it exits, so a lock file left by a killed process is stale by
-    construction and is simply taken over; it records the holder's pid and host for the message
-    the next writer sees. The file is removed on release, and an acquirer re-checks that the
-    file it locked is still the one at the path, so removal cannot let two writers in.
-    Parent folders the lock had to create are removed again on release when still empty.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.run_dir = Path(os.path.realpath(run_dir))  # "runs/a/", "./runs/a", "." and symlinks lock alike
-        self.path = self.run_dir.with_name(f".{self.run_dir.name}.lock")
-        self.fd: int | None = None
-        self._made: list[Path] = []
-
-    def holder(self) -> str:
-        """Who holds the lock, as recorded in the lock file ("pid N on HOST since ..."), or "another process"."""
-        try:
-            info = json.loads(self.path.read_text())
-            return f"pid {info['pid']} on {info['host']} since {info['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "another process"
-
-    def acquire(self, action: str = "write") -> "RunLock":
-        if not self.try_acquire():
-            raise SparseZOError(f"run directory {self.run_dir} is in use by {self.holder()} (lock "
-                                f"{self.path}); cannot {action} it while that run is training: wait for it "
-                                "to finish or stop it")
-        return self
-
-    def try_acquire(self) -> bool:
-        """Take the lock, or return False when another process holds it (other failures raise)."""
-        self._made = make_parents(self.path)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as e:
-                self._remove_made()
-                raise SparseZOError(f"cannot lock run directory {self.run_dir}: cannot create {self.path} "
-                                    f"({e.strerror}); {os_hint(e.errno)}") from e
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                self._remove_made()
-                if e.errno in (errno.EAGAIN, errno.EACCES):
-                    return False
-                raise SparseZOError(f"cannot lock run directory {self.run_dir} ({e.strerror}); "
-                                    "use a folder on a filesystem that supports file locks") from e
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the previous holder removed the file between our open and flock: retry
-        if os.fstat(fd).st_size > 0:  # left by a process that died holding it; the kernel has released it
-            log.debug("taking over the stale lock of %s on %s", self.holder(), self.run_dir)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = None
-        self._remove_made()
-
-    def _remove_made(self) -> None:
-        remove_empty(self._made)
-        self._made = []
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire() if self.fd is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

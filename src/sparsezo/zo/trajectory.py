@@ -90,15 +90,17 @@ class Trajectory:
         missing = {"seeds", "grads", "lrs"} - set(tensors)
         if missing:
             raise SparseZOError(f"{where} lacks {sorted(missing)}; the file is corrupt")
+        seeds, grads = tensors["seeds"], tensors["grads"]
+        if seeds.dtype != torch.int64 or seeds.dim() != 2 or (seeds.shape[0] and seeds.shape[1] < 1):
+            raise SparseZOError(f"{where}: seeds is {str(seeds.dtype).removeprefix('torch.')} {list(seeds.shape)}, "
+                                "expected int64 [steps, q]; the file is corrupt")
+        steps, q = seeds.shape
         lrs = check_values(tensors["lrs"], f"{where}: lrs", (torch.float64,))
         if lrs.dim() != 1:
             raise SparseZOError(f"{where}: lrs has shape {list(lrs.shape)}, expected one value per step")
-        steps = lrs.numel()
-        seeds, grads = tensors["seeds"], tensors["grads"]
-        q = seeds.shape[1] if seeds.dim() == 2 else -1
-        if seeds.dtype != torch.int64 or seeds.dim() != 2 or seeds.shape[0] != steps or (steps and q < 1):
-            raise SparseZOError(f"{where}: seeds is {str(seeds.dtype).removeprefix('torch.')} {list(seeds.shape)}, "
-                                f"expected int64 [{steps} steps, q]; the file is corrupt")
+        if lrs.numel() != steps:
+            raise SparseZOError(f"{where}: seeds holds {steps} steps but lrs {lrs.numel()} learning rates; "
+                                "the file is corrupt")
         check_values(grads, f"{where}: grads", (torch.float64,), shape=(steps, q) if steps else None)
         if "curvs" in tensors:
             check_values(tensors["curvs"], f"{where}: curvs", (torch.float64,), shape=(steps, q) if steps else None)
@@ -111,10 +113,11 @@ class Trajectory:
             unknown = sorted(set(zo) - {f.name for f in fields(ZOConfig)})
             if unknown:
                 raise SparseZOError(f"{where}: zo settings have unknown key(s) {unknown}; written by another version?")
-            try:
-                ZOConfig(**zo).validate()
-            except TypeError as e:
-                raise SparseZOError(f"{where}: zo settings are malformed ({e})") from e
+            for f in fields(ZOConfig):
+                if f.name in zo and not _is_type(zo[f.name], type(f.default)):
+                    raise SparseZOError(f"{where}: zo setting {f.name!r} is {zo[f.name]!r}, expected type "
+                                        f"{type(f.default).__name__}; the file is corrupt")
+            ZOConfig(**zo).validate()
         best = json_field(meta, "best_step", int, where, optional=True)
         if best is not None and not 0 <= best <= steps:
             raise SparseZOError(f"{where}: best_step {best} is outside 0..{steps} (the trajectory holds {steps} steps)")
@@ -155,3 +158,10 @@ class Trajectory:
             engine.apply(t, self.seeds[t], self.grads[t], self.lrs[t], curvs)
             if progress is not None:
                 progress.update(1)
+
+
+def _is_type(value: Any, expected: type) -> bool:
+    """JSON's view of a dataclass field's type: an int is a valid float, a bool is never a number."""
+    if isinstance(value, bool) and expected is not bool:
+        return False
+    return isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
