@@ -316,6 +316,13 @@ def _renamed_key_model(env, tmp, quant=None):
             *(["--quant", quant] if quant else []), "--out", str(tmp / "out")]
 
 
+def _live_run(env, tmp: Path) -> Path:
+    """A finished run that a writer (another open file description, as another process) holds again."""
+    run = copy_run(env, tmp)
+    _held_lock(run)
+    return run
+
+
 def _held_lock(path: Path) -> None:
     """Hold ``path``'s run lock from another open file description, as a second process would."""
     lock = RunLock(path).acquire()
@@ -505,6 +512,14 @@ CASES = [
     Case("resume-swapped-model", lambda e, t: resume(e, t, lambda r: edit_config(
         r, lambda c: c["args"].update(model=e["other_model"]))), "different model"),
     Case("resume-live-run", lambda e, t: resume(e, t, _held_lock), "is in use by pid"),
+    Case("reader-replay-live-run", lambda e, t: ["replay", str(_live_run(e, t)), "--out", str(t / "r.safetensors")],
+         "is being written by pid .* cannot replay it"),
+    Case("reader-merge-live-run", lambda e, t: ["merge", "--delta", str(_live_run(e, t)), "--out", str(t / "m")],
+         "cannot merge it until that run finishes"),
+    Case("reader-export-live-run", lambda e, t: ["export", "--delta", str(_live_run(e, t)), "--format", "gguf",
+                                                 "--out", str(t / "x.gguf")], "cannot export it"),
+    Case("reader-info-live-run", lambda e, t: ["info", str(_live_run(e, t))], "cannot read it"),
+    Case("reader-eval-live-run", lambda e, t: evaluate(e, "--delta", str(_live_run(e, t))), "cannot evaluate it"),
     Case("second-writer-same-out", lambda e, t: (_held_lock(t / "out"), train(e, t))[1], "is in use by pid"),
     Case("resume-not-a-run", lambda e, t: ["train", "--resume", str(t)], "no config.json"),
     Case("info-config-not-json", lambda e, t: (_write(copy_run(e, t) / "config.json", "[1,"), ["info", str(t / "run")])[1],
@@ -666,16 +681,17 @@ def test_a_delta_with_nan_values_is_never_written(env, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_huge_lr_warns_that_theta_moved_implausibly(env, tmp_path, caplog):
+def test_a_huge_lr_stops_the_run_when_theta_moved_implausibly(env, tmp_path, capsys):
+    """A finite but destroyed θ (lr 1e3) is stopped, not kept: exit 2, one line, no delta; a calm run is untouched."""
     out = tmp_path / "run"
-    with caplog.at_level("WARNING", logger="sparsezo"):
-        assert main(["train", *env["base"], "--mask", "random", "--density", "0.05", "--eps", "1e-3", "--lr", "1e3",
-                     "--steps", "10", "--eval-every", "10", "--out", str(out)]) == 0
-    assert any("implausibly large" in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="sparsezo"):
-        assert main(["train", *env["base"], *ZO, "--steps", "10", "--out", str(tmp_path / "calm")]) == 0
-    assert not any("implausibly large" in r.getMessage() for r in caplog.records)
+    assert main(["train", *env["base"], "--mask", "random", "--density", "0.05", "--eps", "1e-3", "--lr", "1e3",
+                 "--steps", "10", "--eval-every", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("sparsezo: error:")] == [
+        next(line for line in err.splitlines() if "θ diverged at step" in line)]
+    assert not (out / "delta.safetensors").exists()
+    assert main(["train", *env["base"], *ZO, "--steps", "10", "--out", str(tmp_path / "calm")]) == 0
+    assert "diverged" not in capsys.readouterr().err
 
 
 def test_files_and_folders_follow_the_umask(env, tmp_path, capsys):
@@ -865,7 +881,7 @@ def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint_and_resumes(env, lo
 def test_streaming_4bit_load_refuses_a_tensor_of_another_model(env, tmp_path):
     """The 4-bit path reads the checkpoint itself (no from_pretrained): a stray tensor is an error there too."""
     from sparsezo.masks import Mask
-    from sparsezo.quant import load_quantized
+    from sparsezo.quant.convert import load_quantized
 
     _renamed_key_model(env, tmp_path)
     mask = Mask.load(env["other_mask"])

@@ -115,9 +115,10 @@ def test_a_delta_trained_over_a_4bit_base_exports_for_every_4bit_type(tmp_path, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from sparsezo.export_peft import export_peft
-    from sparsezo.models import load_model
-    from sparsezo.quant import QUANT_LAYERS, load_quantized
+    from sparsezo import export_peft
+    from sparsezo import load_model
+    from sparsezo.quant import QUANT_LAYERS
+    from sparsezo.quant.convert import load_quantized
 
     if quant == "nf4":
         pytest.importorskip("bitsandbytes", reason="NF4 needs bitsandbytes")

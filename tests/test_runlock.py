@@ -38,7 +38,7 @@ def test_a_stale_lock_file_does_not_block_readers(tmp_path):
 def test_a_writer_in_another_process_blocks_readers(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    code = ("import sys, time; from sparsezo.io import RunLock; RunLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from sparsezo.training.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(30)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     try:

@@ -22,6 +22,7 @@ from ..model.load import MaskSource, build_model
 from ..model.resolve import check_model_path
 from ..resources import parse_bytes
 from ..tasks import Task, get_task
+from ..training.lock import RunLock
 from ..zo.spsa import MAX_SEED
 
 log = logging.getLogger("sparsezo")
@@ -84,6 +85,12 @@ def check_device(device: str) -> None:
     if d.index is not None and d.index >= torch.cuda.device_count():
         raise SparseZOError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_readable(path: str | Path | None, action: str) -> None:
+    """Refuse to read a run directory while a training process writes it (one line naming the holder)."""
+    if path is not None and Path(path).is_dir():
+        RunLock(path).check_readable(action)
 
 
 def refuse_existing(out: str | None) -> None:

@@ -11,7 +11,7 @@ from ..model.resolve import check_model_path
 from ..tasks.icl import with_demonstrations
 from ..training.checkpoint import load_delta
 from ..training.recipe import TRAIN
-from .common import check_common, emit, splits_of, task_of, task_options
+from .common import check_common, check_readable, emit, splits_of, task_of, task_options
 from .options import add_command, add_model_args, add_task_args
 
 log = logging.getLogger("sparsezo")
@@ -65,6 +65,8 @@ def fill_from_run(args: argparse.Namespace, deltas: list) -> None:
 def run(args: argparse.Namespace) -> None:
     """Score the base model or each --delta on one loaded base, each pass with its own progress bar."""
     check_common(args)
+    for d in args.delta:
+        check_readable(d, "evaluate")
     deltas = [load_delta(d) for d in args.delta]
     fill_from_run(args, deltas)
     task = task_of(args)

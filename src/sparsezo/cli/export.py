@@ -10,7 +10,7 @@ from ..export.gguf import TYPES as GGUF_TYPES
 from ..export.registry import EXPORTERS
 from ..io import check_writable
 from ..training.checkpoint import load_delta
-from .common import delta_base, delta_is_base, emit, refuse_existing
+from .common import check_readable, delta_base, delta_is_base, emit, refuse_existing
 from .options import add_command, add_run_base_args
 
 
@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> None:
     if args.type is not None and args.format != "gguf":
         raise SparseZOError(f"--type {args.type} applies to --format gguf only; drop it for --format {args.format}")
     check_writable(args.out)
+    check_readable(args.delta, "export")
     delta = load_delta(args.delta)
     model, tok = delta_base(args, delta)
     t0 = time.perf_counter()

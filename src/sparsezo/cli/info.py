@@ -10,7 +10,7 @@ from ..errors import SparseZOError
 from ..io import json_field, read_json
 from ..model.memory import checkpoint_bytes
 from ..model.params import DTYPES
-from .common import emit
+from .common import check_readable, emit
 from .options import add_command, add_json_arg
 
 log = logging.getLogger("sparsezo")
@@ -25,6 +25,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
+    check_readable(run_dir, "read")
     if not (run_dir / "config.json").is_file():
         raise SparseZOError(f"{run_dir} is not a sparsezo run directory (no config.json)")
     where = f"run config {run_dir / 'config.json'}"

@@ -11,7 +11,7 @@ from ..io import check_writable
 from ..model.memory import checkpoint_bytes
 from ..resources import memory_report
 from ..training.checkpoint import load_delta
-from .common import delta_base, delta_is_base, emit, memory_text, refuse_existing
+from .common import check_readable, delta_base, delta_is_base, emit, memory_text, refuse_existing
 from .options import add_command, add_run_base_args
 
 
@@ -25,6 +25,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     refuse_existing(args.out)
+    check_readable(args.delta, "merge")
     delta = load_delta(args.delta)
     base = args.model or delta.meta.get("model")
     check_writable(args.out, checkpoint_bytes(base, args.dtype or delta.meta.get("dtype", "bfloat16")) if base and

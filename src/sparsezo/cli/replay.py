@@ -12,7 +12,7 @@ from ..masks import Mask
 from ..training.checkpoint import Delta
 from ..training.replay import replayed_delta, run_files
 from ..zo import Trajectory
-from .common import delta_base, emit, refuse_existing
+from .common import check_readable, delta_base, emit, refuse_existing
 from .options import add_command, add_run_base_args
 
 
@@ -28,6 +28,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     refuse_existing(args.out)
+    check_readable(args.run_dir, "replay")
     mask_path, traj_path = run_files(args.run_dir, args.mask, args.trajectory)
     mask, traj = Mask.load(mask_path), Trajectory.load(traj_path)
     if "zo" not in traj.meta:
