@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsezo.io import atomic_path, read_json, write_json, write_text
-from sparsezo.training.rundir import RunLock
+from sparsezo.training.lock import RunLock
 from stats import paired
 
 # ----------------------------------------------------------------------------- the grid

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from sparsezo.training.rundir import RunLock
+from sparsezo.training.lock import RunLock
 
 from helpers import load_benchmark
 
@@ -239,7 +239,7 @@ def test_a_cell_lock_is_held_while_its_worker_lives_and_free_once_it_is_gone(tmp
     assert store.claim(live) and not store.claim(live)  # one owner at a time
     assert f"pid {os.getpid()}" in RunLock(live).holder()  # the lock says who holds it
     # a worker killed while holding a cell: nothing to clear, the next worker may take the cell
-    holder = ("import os, sys; from sparsezo.training.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+    holder = ("import os, sys; from sparsezo.training.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
               "print('held', flush=True); os.kill(os.getpid(), 9)")
     proc = subprocess.run([sys.executable, "-c", holder, str(dead)], capture_output=True, text=True)
     assert proc.stdout.strip() == "held" and proc.returncode == -9
