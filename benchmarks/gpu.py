@@ -130,32 +130,31 @@ class Table:
             self.out.close()
 
 
+def median_ms(fn, repeats: int, device: str) -> float:
+    """Median wall ms of ``fn()`` over ``repeats`` calls, synchronised around each on a GPU."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
 def forward_ms(model, shapes, repeats: int, device: str) -> dict:
     """Median ms of one scoring forward per B×T shape."""
     out = {}
     for b, t in shapes:
         batch = synthetic_batch(model, b, t)
         batch_loss(model, batch)
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            batch_loss(model, batch)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        out[f"{b}x{t}_ms"] = statistics.median(times) * 1000
+        out[f"{b}x{t}_ms"] = median_ms(lambda: batch_loss(model, batch), repeats, device)
         if torch.device(device).type == "cuda":  # the model forward to logits replayed as a CUDA graph
             graphed = GraphedForward(model)
             ids, mask = batch.input_ids, batch.attention_mask
             graphed(ids, mask)
-            times = []
-            for _ in range(repeats):
-                _sync(device)
-                t0 = time.perf_counter()
-                graphed(ids, mask)
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            out[f"graphed_{b}x{t}_ms"] = statistics.median(times) * 1000 if graphed.reason is None else None
+            ms = median_ms(lambda: graphed(ids, mask), repeats, device)
+            out[f"graphed_{b}x{t}_ms"] = ms if graphed.reason is None else None
             out["graph_reason"] = graphed.reason
             del graphed
     return out
