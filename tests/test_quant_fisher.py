@@ -70,3 +70,28 @@ def test_rules_that_read_weight_values_are_refused_over_a_4bit_base():
     q = quantize_model(copy.deepcopy(tiny_model(3)), quant="int4")
     with pytest.raises(SparseZOError, match="4-bit base"):
         compute_mask(q, "magnitude-small", 0.02)
+
+
+def test_cli_mask_compute_over_a_4bit_base_gives_a_mask_for_the_dense_model(tmp_path, capsys):
+    """`mask compute --quant nf4`: the Fisher of a plain 4-bit base; its mask loads against the dense model
+    and overlaps the dense-Fisher mask (4-bit rounding moves the scores, not the picture)."""
+    pytest.importorskip("bitsandbytes", reason="NF4 needs bitsandbytes")
+    from helpers import save_tiny_model
+    from sparsezo import Mask, load_model
+    from sparsezo.cli import main
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"the film number {i} was good and fun" for i in range(200)))
+    common = ["mask", "compute", "--model", str(model_dir), "--dtype", "float32", "--mask", "sensitive",
+              "--density", "0.05", "--calib", str(calib), "--calib-tokens", "256", "--calib-seq-len", "64"]
+    assert main([*common, "--out", str(tmp_path / "dense.safetensors")]) == 0
+    assert main([*common, "--quant", "nf4", "--out", str(tmp_path / "nf4.safetensors")]) == 0
+    dense, nf4 = Mask.load(tmp_path / "dense.safetensors"), Mask.load(tmp_path / "nf4.safetensors")
+    nf4.check_model(load_model(model_dir, "float32")[0])
+    assert nf4.num_trainable == dense.num_trainable
+    both = sum(len(set(dense.indices[n].tolist()) & set(nf4.indices[n].tolist())) for n in dense.indices)
+    assert 0.3 < both / (2 * dense.num_trainable - both) < 1.0
+    assert main([*common, "--quant", "nf4", "--mask", str(tmp_path / "dense.safetensors"),
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "scores a rule over a 4-bit base" in capsys.readouterr().err

@@ -11,7 +11,8 @@ from ..masks import Mask, sensitivity_scores
 from ..masks.analysis import compare, density_table, fisher_mass, plot_layer_density
 from ..model.load import build_model
 from ..resources import memory_report
-from .common import (calibration, check_common, emit, memory_text, model_and_mask, refuse_existing, train_split)
+from .common import (calibration, check_common, emit, mask_source, memory_text, model_and_mask, refuse_existing,
+                     train_split)
 from .options import add_command, add_json_arg, add_mask_args, add_model_args, add_task_args
 
 
@@ -19,7 +20,7 @@ def register(sub) -> None:
     pm = add_command(sub, "mask", "compute and inspect masks").add_subparsers(dest="mask_command", required=True,
                                                                              metavar="SUBCOMMAND")
     p = add_command(pm, "compute", "compute a mask file (prints time, peak memory, Fisher mass)")
-    add_model_args(p, quant=False), add_mask_args(p), add_task_args(p, kind="mask")
+    add_model_args(p), add_mask_args(p), add_task_args(p, kind="mask")
     p.add_argument("--out", required=True, help="output mask.safetensors")
     p.set_defaults(func=run_compute)
     p = add_command(pm, "info", "per-layer and per-module density of a mask file")
@@ -41,7 +42,14 @@ def run_compute(args: argparse.Namespace) -> None:
     check_common(args)
     refuse_existing(args.out)
     check_writable(args.out)  # before the model loads and the scores take minutes
-    _, _, mask = model_and_mask(args, train_split(args))
+    if args.quant:  # the Fisher score over a plain 4-bit base: the bf16 weights never need to fit at once
+        source = mask_source(args, train_split(args))
+        if isinstance(source, Mask):
+            raise SparseZOError(f"mask compute --quant scores a rule over a 4-bit base; --mask {args.mask} is a file")
+        model, tok, _ = build_model(args.model, args.dtype, args.device, args.quant)
+        mask = source(model, tok)
+    else:
+        _, _, mask = model_and_mask(args, train_split(args))
     mask.save(args.out)
     info = {k: mask.meta.get(k) for k in ("rule", "density", "scope", "num_trainable", "num_eligible", "source")}
     info.update(mask.stats, **memory_report(args.device), out=args.out)
