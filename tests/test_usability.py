@@ -262,3 +262,16 @@ def test_step_bar_eta_leaves_out_the_dev_evaluations(monkeypatch, capsys):
 def test_replay_shows_progress(custom_run, tmp_path, capsys):
     assert main(["replay", str(custom_run / "run"), "--out", str(tmp_path / "r.safetensors")]) == 0
     assert "replay" in capsys.readouterr().err
+
+
+def test_version_and_a_bare_command_line_show_what_sparsezo_is(capsys):
+    from importlib.metadata import version
+
+    from sparsezo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"sparsezo {version('sparsezo')}"
+    assert main([]) == 2  # no command: the full help (every command listed), not only a usage error
+    out = capsys.readouterr().out
+    assert "COMMAND" in out and all(c in out for c in ("train", "demo", "mask", "export", "replay"))

@@ -22,12 +22,13 @@ import signal
 import sys
 import threading
 import traceback
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 
-from ..errors import Interrupted, SparseZOError, from_os_error, os_errno_in, os_hint
 from ..dtypes import AUTO, resolve_dtype
+from ..errors import Interrupted, SparseZOError, from_os_error, os_errno_in, os_hint
 from ..resources import start_memory_tracking
 from . import bench, demo, eval, export, info, mask, merge, plot, quantize, replay, train
 from .options import HelpFormatter
@@ -38,9 +39,18 @@ DESCRIPTION = ("Fine-tune language models with zeroth-order (forward-pass-only) 
 COMMANDS = (train, eval, demo, quantize, replay, merge, export, info, plot, bench, mask)  # in --help's order
 
 
+def package_version() -> str:
+    """The installed distribution's version ("0+unknown" for a source tree on PYTHONPATH)."""
+    try:
+        return version("sparsezo")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsezo", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logs on stderr")
+    parser.add_argument("--version", action="version", version=f"sparsezo {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)
@@ -92,6 +102,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace | None:
     is bad input like any other, so it gets the same one line (naming --help for the usage).
     ``--help`` and warnings printed while parsing pass through unchanged.
     """
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `sparsezo`: the help, not a usage error
+        build_parser().print_help()
+        return None
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
