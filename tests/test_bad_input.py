@@ -520,6 +520,7 @@ CASES = [
                                                  "--out", str(t / "x.gguf")], "cannot export it"),
     Case("reader-info-live-run", lambda e, t: ["info", str(_live_run(e, t))], "cannot read it"),
     Case("reader-eval-live-run", lambda e, t: evaluate(e, "--delta", str(_live_run(e, t))), "cannot evaluate it"),
+    Case("resume-a-model-folder", lambda e, t: ["train", "--resume", e["model"]], "not a sparsezo run directory"),
     Case("second-writer-same-out", lambda e, t: (_held_lock(t / "out"), train(e, t))[1], "is in use by pid"),
     Case("resume-not-a-run", lambda e, t: ["train", "--resume", str(t)], "no config.json"),
     Case("info-config-not-json", lambda e, t: (_write(copy_run(e, t) / "config.json", "[1,"), ["info", str(t / "run")])[1],

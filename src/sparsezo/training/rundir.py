@@ -88,12 +88,16 @@ def resume_settings(run: Path, defaults: dict[str, Any]) -> dict[str, Any]:
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise SparseZOError(f"--resume {run}: no config.json there; is it a sparsezo run directory?")
+    recorded = read_json(cfg_path, "run config")
+    if not isinstance(recorded, dict) or "args" not in recorded:
+        raise SparseZOError(f"--resume {run}: not a sparsezo run directory (its config.json records no run "
+                            "settings: a model folder?); pass the --out folder of an interrupted train run")
     if (run / "delta.safetensors").exists():
         raise SparseZOError(f"--resume {run}: the run is already complete (delta.safetensors exists)")
     if not (run / "mask.safetensors").is_file():
         raise SparseZOError(f"--resume {run}: its mask.safetensors is missing; the run can only continue on the "
                             "mask it was trained with: restore the file, or start a new run")
-    saved = read_json(cfg_path, "run config").get("args")
+    saved = recorded.get("args")
     if not saved:
         raise SparseZOError(f"--resume {run}: config.json has no recorded arguments; the run cannot be resumed")
     if not isinstance(saved, dict):
