@@ -888,3 +888,15 @@ def test_streaming_4bit_load_refuses_a_tensor_of_another_model(env, tmp_path):
     mask = Mask.load(env["other_mask"])
     with pytest.raises(Exception, match="holds model.embed_tokenz.weight, which has no place in the model"):
         load_quantized(tmp_path / "model", mask, torch.float32)
+
+
+def test_os_hints_name_the_option_that_gave_the_path():
+    """A read-only folder given to --plot must not be answered with "choose another --out"."""
+    import errno as errno_mod
+
+    from sparsezo.errors import from_os_error
+
+    e = OSError(errno_mod.EROFS, "Read-only file system", "/ro/chart.png")
+    assert str(from_os_error(e, "cannot write the --plot chart", flag="--plot")).endswith(
+        "the filesystem is read-only: choose another --plot")
+    assert "choose another --out" in str(from_os_error(e))

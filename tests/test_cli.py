@@ -125,7 +125,8 @@ def test_sensitive_mask_compare_info_plot_mass(env, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("Jaccard overlap 0.")
     png = tmp_path / "layers.png"
     assert main(["mask", "info", str(a), "--plot", str(png)]) == 0
-    assert "total" in capsys.readouterr().out and png.stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "total" in out and f"chart -> {png}" in out and png.stat().st_size > 1000
     assert main(["mask", "mass", "--model", env["model"], "--dtype", "float32", "--calib", str(calib), "--seq-len", "16",
                  "--calib-tokens", "256", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mass"]["0.001"] == made["fisher_mass"]["0.001"]

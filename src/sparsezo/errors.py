@@ -42,16 +42,16 @@ class Interrupted(BaseException):
         self.signum, self.name = signum, name
 
 
-def os_hint(code: int | None) -> str:
-    """How to fix an OS-level failure with error number ``code``."""
-    return _HINTS.get(code or -1, "check the path, its permissions and the free disk space")
+def os_hint(code: int | None, flag: str = "--out") -> str:
+    """How to fix an OS-level failure with error number ``code`` (``flag``: the option that named the path)."""
+    return _HINTS.get(code or -1, "check the path, its permissions and the free disk space").replace("--out", flag)
 
 
-def from_os_error(e: OSError, doing: str = "cannot access") -> SparseZOError:
+def from_os_error(e: OSError, doing: str = "cannot access", flag: str = "--out") -> SparseZOError:
     """``e`` as one line: what failed, on which path, and the fix."""
     where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None) or "a file"
     reason = e.strerror or str(e) or type(e).__name__
-    return SparseZOError(f"{doing} {where} ({reason}); {os_hint(e.errno)}")
+    return SparseZOError(f"{doing} {where} ({reason}); {os_hint(e.errno, flag)}")
 
 
 def os_errno_in(message: str) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import SparseZOError
+from ..errors import SparseZOError, from_os_error
 from ..io import check_writable
 from ..masks import Mask, sensitivity_scores
 from ..masks.analysis import compare, density_table, fisher_mass, plot_layer_density
@@ -70,7 +70,10 @@ def run_info(args: argparse.Namespace) -> None:
     mask = Mask.load(args.file)
     table = density_table(mask)
     if args.plot:
-        plot_layer_density(mask, args.plot)
+        try:
+            plot_layer_density(mask, args.plot)
+        except OSError as e:
+            raise from_os_error(e, "cannot write the --plot chart", flag="--plot") from e
     obj = {"rule": mask.rule, "density": mask.meta.get("density"), "scope": mask.meta.get("scope"),
            "source": mask.meta.get("source"), "num_trainable": mask.num_trainable, "num_eligible": mask.num_eligible,
            **table}
@@ -81,6 +84,9 @@ def run_info(args: argparse.Namespace) -> None:
                   for k, r in rows]
     lines.append(f"{'total':>14} {mask.num_trainable:>10} {mask.num_eligible:>11} "
                  f"{mask.num_trainable / mask.num_eligible:9.5f}   rule {mask.rule}, scope {mask.meta.get('scope')}")
+    if args.plot:
+        obj["plot"] = str(args.plot)
+        lines.append(f"per-layer density chart -> {args.plot}")
     emit(args, obj, "\n".join(lines))
 
 
