@@ -695,6 +695,14 @@ def test_a_huge_lr_stops_the_run_when_theta_moved_implausibly(env, tmp_path, cap
     assert "diverged" not in capsys.readouterr().err
 
 
+def test_a_large_lr_warns_once_that_theta_moved_far_and_keeps_training(env, tmp_path, caplog):
+    """Between 10x and 1000x the layers' RMS a tiny model may still be learning: warned, not stopped."""
+    with caplog.at_level("WARNING", logger="sparsezo"):
+        assert main(["train", *env["base"], "--mask", "random", "--density", "0.05", "--eps", "1e-3", "--lr", "10",
+                     "--steps", "6", "--eval-every", "3", "--out", str(tmp_path / "run")]) == 0
+    assert len([r for r in caplog.records if "implausibly large" in r.getMessage()]) == 1
+
+
 def test_files_and_folders_follow_the_umask(env, tmp_path, capsys):
     old = os.umask(0o027)
     try:

@@ -242,7 +242,7 @@ def test_lr_auto_takes_the_lowest_dev_loss_backed_off_or_the_centre_when_none_lo
 
 def test_lr_auto_warns_and_trains_at_the_grid_centre_when_no_candidate_lowers_the_dev_loss(monkeypatch, caplog):
     calls = iter(range(10**6))  # every dev-loss measurement after the start one is higher: no candidate helps
-    monkeypatch.setattr("sparsezo.training.lr_probe.batch_loss", lambda *a, **k: 1.0 + next(calls))
+    monkeypatch.setattr("sparsezo.training.lr_probe.micro_batch_loss", lambda *a, **k: 1.0 + next(calls))
     model, tok = tiny_model(), tiny_tokenizer()
     params = TrainableParams(model, compute_mask(model, "full"))
     cfg = TrainConfig(steps=400, batch_size=16, eval_every=100, lr_auto=True, lr_grid=(1e-4, 1e-3, 1e-2),

@@ -10,6 +10,7 @@ model.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -17,8 +18,10 @@ import torch
 from ..errors import SparseZOError
 from .trainable import TrainableParams
 
+log = logging.getLogger("sparsezo")
 EPS_MAX = 1.0  # --eps at or above the trained tensors' RMS replaces them by noise in θ ± εz
-DRIFT_STOP = 10.0  # RMS(θ − θ₀) above this many times that RMS: the update has overwritten the weights
+DRIFT_WARN = 10.0  # RMS(θ − θ₀) above this many times that RMS: the weights are being overwritten (warned once)
+DRIFT_STOP = 1000.0  # ... above this many: θ is noise whatever the model (e.g. --lr 1e3), the run stops
 CHUNK = 1 << 22  # entries summed at once (float64), so a full-ZO set needs no θ-sized temporary
 
 
@@ -53,20 +56,23 @@ def check_eps(eps: float, scale: float) -> None:
 
 
 class DriftGuard:
-    """Stops a run whose θ moved implausibly far from where it started, for the lr in use.
+    """Warns when θ has moved far from where it started, and stops the run when it moved absurdly far.
 
-    Why stop rather than warn: a θ that moved ``DRIFT_STOP`` times its layers' RMS has been
-    replaced by noise (e.g. --lr 1e3 drives |θ| to 1e3 while a bounded loss such as ``acc``
-    stays finite); keeping it would write a delta that looks like a result. Stopping mirrors the
-    non-finite guard: the run fails with one line and the last good checkpoint stays.
+    Two thresholds, because "far" depends on the model: a tiny randomly initialised model learns by
+    moving its weights ~10× their RMS, a pretrained one is being overwritten well before that. So
+    ``DRIFT_WARN`` times the layers' RMS warns once (the user may mean it), and ``DRIFT_STOP`` times
+    stops the run: there θ is noise (e.g. --lr 1e3 drives |θ| to 1e3 while a bounded loss such as
+    ``acc`` stays finite), and keeping it would write a delta that looks like a result. Stopping
+    mirrors the non-finite guard: one error line, the last good checkpoint stays.
 
-    Checked every ``every`` steps and at every dev evaluation (before a θ can become "best"),
-    so a short run is checked too. θ₀ is kept in the compute dtype: it *is* the base weights,
-    exactly, at half of θ's bytes for bf16.
+    Checked every ``every`` steps and at every dev evaluation (before a θ can become "best"), so a
+    short run is checked too. θ₀ is kept in the compute dtype: it *is* the base weights, exactly, at
+    half of θ's bytes for bf16.
     """
 
     def __init__(self, params: TrainableParams, scale: float, every: int = 10):
         self.theta0, self.scale, self.every = params.theta.to(params.dtype, copy=True), scale, every
+        self.warned = False
 
     def drift(self, theta: torch.Tensor) -> float:
         """RMS(θ − θ₀)."""
@@ -75,8 +81,13 @@ class DriftGuard:
     def check(self, theta: torch.Tensor, step: int, lr: float, force: bool = False) -> None:
         if not force and step % self.every:
             return
-        drift = self.drift(theta)
-        if drift > DRIFT_STOP * self.scale:  # NaN compares False: the non-finite guard reports that case
+        drift = self.drift(theta)  # NaN compares False below: the non-finite guard reports that case
+        if drift > DRIFT_STOP * self.scale:
             raise SparseZOError(f"θ diverged at step {step}: the trained weights moved {drift:.3g} (RMS) from their "
                                 f"start, {drift / self.scale:.3g}× their layers' RMS {self.scale:.3g}; lr {lr:g} is "
                                 "far too large for them: lower --lr (or use --lr auto)")
+        if drift > DRIFT_WARN * self.scale and not self.warned:
+            self.warned = True
+            log.warning("warning: after %d steps the trained weights moved %.3g (RMS) from their start, %.3gx their "
+                        "layers' RMS %.3g: lr %g is implausibly large for them; the fine-tune is likely destroying "
+                        "the model, lower --lr", step, drift, drift / self.scale, self.scale, lr)
