@@ -20,6 +20,8 @@ from sparsezo.dtypes import fast_bf16_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 MEMLIMIT = REPO.parent / "shared" / "tools" / "memlimit"
+SLOW_BF16 = ("the 7B-width stages run in bf16, which this CPU (no avx512_bf16/AMX) emulates ~5x slower than float32: "
+             "a bf16 Fisher pass alone outlasts the 20-minute timeout; run benchmarks/scale_7b.py --layers 2 by hand")
 LIMIT = "2.5G"  # the 2-layer model is 1.33 GB in bf16; every stage must stay well inside this
 
 
@@ -33,9 +35,7 @@ def _memlimit_works() -> str | None:
 
 
 @pytest.mark.skipif(_memlimit_works() is not None, reason=str(_memlimit_works()))
-@pytest.mark.skipif(not fast_bf16_cpu(), reason="the 7B-width stages run in bf16, which this CPU (no avx512_bf16/AMX) "
-                    "emulates ~5x slower than float32: the mask stage alone outlasts the 20-minute timeout; run "
-                    "benchmarks/scale_7b.py --layers 2 by hand here")
+@pytest.mark.skipif(not fast_bf16_cpu(), reason=SLOW_BF16)
 def test_every_7b_width_stage_fits_a_hard_memory_limit(tmp_path, assets):
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale_7b.py"), "--layers", "2", "--limit", LIMIT,
@@ -58,6 +58,7 @@ def test_every_7b_width_stage_fits_a_hard_memory_limit(tmp_path, assets):
 
 
 @pytest.mark.skipif(_memlimit_works() is not None, reason=str(_memlimit_works()))
+@pytest.mark.skipif(not fast_bf16_cpu(), reason=SLOW_BF16)
 def test_fisher_in_passes_under_a_limit_gives_the_unbounded_mask(tmp_path, assets):
     """Two calibration micro-batches at 7B width: 1.6 GB of score buffers do not fit next to the rest in
     2.5 GiB, so the limited run takes several passes (and checkpointed layers); its mask must equal the
