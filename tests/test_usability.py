@@ -62,7 +62,8 @@ def test_top_level_help_shows_defaults_and_no_raw_markup(capsys):
 def test_commands_do_not_list_options_they_ignore():
     for cmd in ("quantize", "mask compute", "mask mass"):
         assert not _options(cmd) & {"--num-test", "--split", "--icl", "--steps", "--lr"}, cmd
-    assert not (_options("mask compute") | _options("mask mass")) & {"--quant"}  # quantize chooses nf4 or int4
+    assert "--quant" not in _options("mask mass")  # its Fisher mass is the dense model's
+    assert "--quant" in _options("mask compute")  # used: the Fisher score over a 4-bit base
     assert not _options("mask mass") & {"--density", "--scope", "--out"}
     assert {"--task", "--data", "--num-train"} <= _options("mask compute")  # used by --mask sensitive-task
     assert "--seq-len" not in _options("eval")
