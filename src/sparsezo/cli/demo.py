@@ -14,6 +14,7 @@ from ..eval.scoring import accuracy
 from ..io import atomic_dir
 from ..masks import compute_mask
 from ..masks.sensitive import read_texts
+from ..dtypes import AUTO
 from ..model.load import build_model
 from ..tasks.embedded import demo_calibration_file, demo_task
 from ..training.loop import fine_tune
@@ -31,7 +32,7 @@ def register(sub) -> None:
     p = add_command(sub, "demo", "zero-shot -> sensitive sparse ZO fine-tune -> test, on SST-2 and the default model "
                                  "(the recipe of sparsezo.DEMO: train's, with 400 steps, 200 dev "
                                  "examples and 8192 calibration tokens)")
-    add_model_args(p)
+    add_model_args(p, dtype=AUTO)
     p.add_argument("--steps", type=int, default=DEMO.steps, help="ZO steps (train's default: 1000)")
     p.add_argument("--lr", type=lr_value, default=DEMO.lr, help=LR_HELP)
     p.add_argument("--eps", type=float, default=DEMO.eps, help="perturbation scale")

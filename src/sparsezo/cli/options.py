@@ -54,13 +54,17 @@ def add_command(sub, name: str, about: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=about, description=about, formatter_class=HelpFormatter)
 
 
-def add_model_args(p: argparse.ArgumentParser, quant: bool = True, from_run: bool = False) -> None:
-    """--model/--dtype/--device[/--quant]/--json; ``from_run``: eval, whose defaults come from --delta's run."""
+def add_model_args(p: argparse.ArgumentParser, quant: bool = True, from_run: bool = False,
+                   dtype: str = "bfloat16") -> None:
+    """--model/--dtype/--device[/--quant]/--json; ``from_run``: eval, whose defaults come from --delta's run.
+
+    ``dtype`` is the default --dtype: bfloat16 (what the recorded recipes use), or ``auto`` for the demo, whose
+    point is a quick first run on whatever machine it lands on."""
     run = "the base recorded in the --delta run, else " if from_run else ""
     p.add_argument("--model", default=None,
                    help=f"local Hugging Face model folder, or a .gguf file (or a folder holding one), converted once into "
                         f"$SPARSEZO_HOME/gguf (default: {run}the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=None if from_run else "bfloat16", choices=DTYPE_CHOICES,
+    p.add_argument("--dtype", default=None if from_run else dtype, choices=DTYPE_CHOICES,
                    help="compute dtype of the frozen weights; bfloat16 is ~3x faster than float32 on CPUs with "
                         "avx512_bf16, ~5x slower without it (auto: bfloat16 on CUDA and such CPUs, else float32)"
                         + (" (default: the --delta run's, else bfloat16)" if from_run else ""))
