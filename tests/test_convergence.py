@@ -14,7 +14,8 @@ from sparsezo.cli import main
 from sparsezo.masks import compute_mask
 from sparsezo.tasks import Example
 from sparsezo.training.config import TrainConfig
-from sparsezo.training.loop import fine_tune, improvement
+from sparsezo.training.loop import fine_tune
+from sparsezo.training.outcome import improvement
 from sparsezo.training.lr_probe import PROBE_BACKOFF, PROBE_SHARE, choose_lr
 from sparsezo.zo import TrainableParams, Trajectory, ZOConfig, ZOEngine, sample
 from sparsezo.zo.registry import forwards_per_step
@@ -193,7 +194,7 @@ def test_improved_on_a_learnable_task_and_not_with_a_vanishing_lr(caplog):
         res = fine_tune(model, tok, params, _examples(128, 1), _examples(64, 2), cfg, progress=False)
     assert not res.improved and res.best_step == 0
     warned = [r.getMessage() for r in caplog.records if "nothing was learned" in r.getMessage()]
-    assert len(warned) == 1 and "--lr auto" in warned[0] and "--lr 3e-12" in warned[0]
+    assert len(warned) == 1 and "TrainConfig(lr_auto=True)" in warned[0] and "ZOConfig(lr=3e-12)" in warned[0]
 
 
 def test_merge_says_when_the_delta_is_the_base(env, capsys, caplog):

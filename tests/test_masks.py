@@ -5,6 +5,7 @@ import torch
 
 from helpers import tiny_model, tiny_tokenizer, sentences
 from sparsezo.errors import SparseZOError
+import sparsezo.masks.sensitive as sensitive
 from sparsezo.masks import Mask, compute_mask, select_top
 from sparsezo.model.params import eligible_parameters
 
@@ -191,3 +192,35 @@ def test_density_table_and_plot(tmp_path):
     assert sum(r["numel"] for r in table["modules"].values()) == mask.num_eligible
     plot_layer_density(mask, tmp_path / "d.png")
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _Bar:
+    """Records what the Fisher loop tells its progress bar."""
+
+    made: list["_Bar"] = []
+
+    def __init__(self, total, desc, unit, leave):
+        self.total, self.unit, self.n, self.ticks = total, unit, 0, []
+        _Bar.made.append(self)
+
+    def update(self, k):
+        self.n += k
+        self.ticks.append(k)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("micro_batch", [2, 64])
+def test_the_fisher_bar_ticks_per_gradient_and_ends_full(micro_batch, monkeypatch):
+    """One tick per tensor gradient (a single micro-batch must not sit at 0/1 with no ETA), full at the end."""
+    monkeypatch.setattr(sensitive, "tqdm", _Bar)
+    _Bar.made.clear()
+    model, tok = tiny_model(), tiny_tokenizer()
+    n_tensors = len(eligible_parameters(model))
+    compute_mask(model, "sensitive", 0.01, tokenizer=tok, texts=_texts(), seq_len=16, calib_tokens=96,
+                 micro_batch=micro_batch)
+    (bar,) = _Bar.made
+    n_mb = -(-6 // micro_batch)  # 96 tokens = 6 rows of 16
+    assert bar.unit == "grad" and bar.total == n_mb * n_tensors and bar.n == bar.total
+    assert bar.ticks.count(1) >= n_mb * n_tensors - n_mb  # ticks as backward delivers each gradient

@@ -162,6 +162,14 @@ def test_eval_delta_takes_model_task_and_data_from_the_run(custom_run, tmp_path,
     assert res["task"] == "custom" and res["n"] == config["split_sizes"]["test"]
     assert res["value"] == config["results"]["test_accuracy"]  # the run's own test split, same number
     assert "custom test" in out.err  # eval's progress bar, on stderr
+    base, tuned = res["results"]  # the base is scored first, for comparison; the top level is the fine-tune's
+    assert base["delta"] is None and tuned["delta"] == str(custom_run / "run") and tuned["value"] == res["value"]
+    assert base["n"] == tuned["n"] and "loss" in base  # this run kept step 0: the same numbers
+    assert main(["eval", "--delta", str(custom_run / "run")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3 and table[1].endswith("  base") and table[2].endswith(str(custom_run / "run"))
+    assert main(["eval", "--delta", str(custom_run / "run"), "--no-base", "--json"]) == 0
+    assert "results" not in json.loads(capsys.readouterr().out)
 
 
 def test_eval_delta_on_another_task_warns(custom_run, tmp_path, capsys, caplog):

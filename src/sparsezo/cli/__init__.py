@@ -29,6 +29,7 @@ import torch
 
 from ..dtypes import AUTO, resolve_dtype
 from ..errors import Interrupted, SparseZOError, from_os_error, os_errno_in, os_hint
+from ..hints import cli_style
 from ..resources import start_memory_tracking
 from . import bench, demo, eval, export, info, mask, merge, plot, quantize, replay, train
 from .options import HelpFormatter
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # sub-second loads; keeps stderr to our own bars and one-line errors
     start_memory_tracking()  # peak anonymous memory, for the reports of mask compute, bench, quantize, merge
     try:
-        with _signals_unwind():
+        with _signals_unwind(), cli_style():  # library warnings name CLI flags, not API fields
             args.func(args)
     except (KeyboardInterrupt, Interrupted) as e:
         name = e.name if isinstance(e, Interrupted) else "SIGINT"

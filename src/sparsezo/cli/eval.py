@@ -23,6 +23,8 @@ def register(sub) -> None:
     add_model_args(p, from_run=True), add_task_args(p, kind="eval")
     p.add_argument("--delta", action="append", default=[],
                    help="run directory or delta.safetensors (repeatable; default: none, the base model alone)")
+    p.add_argument("--no-base", action="store_true",
+                   help="with --delta, skip the base model's row (by default the base is scored first, for comparison)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="examples per forward")
     p.set_defaults(func=run)
 
@@ -76,18 +78,20 @@ def run(args: argparse.Namespace) -> None:
     model, tok, _ = build_model(args.model, args.dtype, args.device, args.quant, deltas[0].mask if deltas else None)
     split = args.split + (f"/{args.icl}-shot" if args.icl else "")
     rows = []
-    for name, delta in [(None, None)] if not deltas else zip(args.delta, deltas):
+    scored = [] if deltas and args.no_base else [(None, None)]
+    for name, delta in scored + list(zip(args.delta, deltas)):
         applied = delta.apply(model) if delta is not None else None
         res = evaluate(model, tok, task, examples, args.eval_batch_size, args.max_new_tokens,
-                       desc=f"{args.task} {split}" + (f" {name}" if name else ""))
+                       desc=f"{args.task} {split} " + (name or "base"))
         rows.append({"task": args.task, "split": args.split, "icl": args.icl, **res, "delta": name})
         if applied is not None:
             applied.remove()  # the next delta starts from the base again
-    if args.json:
-        emit(args, rows[0] if len(rows) == 1 else {"results": rows, **rows[0]}, "")
+    if args.json:  # the top-level fields are the first delta's (or the base's without one)
+        first = rows[1] if deltas and not args.no_base else rows[0]
+        emit(args, first if len(rows) == 1 else {"results": rows, **first}, "")
         return
     w = max(6, len(split))
-    lines = [f"{'task':8} {'split':{w}} {'n':>5} {'metric':9} {'value':>7}  delta"]
-    lines += [f"{r['task']:8} {split:{w}} {r['n']:>5} {m:9} {r[m]:7.4f}  {r['delta'] or '-'}"
+    lines = [f"{'task':8} {'split':{w}} {'n':>5} {'metric':9} {'value':>7}  model"]
+    lines += [f"{r['task']:8} {split:{w}} {r['n']:>5} {m:9} {r[m]:7.4f}  {r['delta'] or 'base'}"
               for r in rows for m in ("accuracy", "f1", "em") if m in r]
     emit(args, {}, "\n".join(lines))

@@ -14,13 +14,17 @@ from tqdm import tqdm
 from ..errors import SparseZOError
 from .generation import generate
 from .metrics import accuracy, exact_match, f1_score
-from .scoring import predict
+from .scoring import candidate_scores, dev_loss
 from ..tasks import Example, Task
 
 
 def evaluate(model: nn.Module, tokenizer, task: Task | None, examples: list[Example], batch_size: int = 32,
              max_new_tokens: int = 50, progress=None, desc: str | None = None) -> dict[str, Any]:
     """``{"metric": name, "value": main metric, "n": examples, <each metric>: value}``.
+
+    Classification also reports ``loss``, the mean cross-entropy over candidates, and its standard
+    error ``loss_se``: free once the candidates are scored, and what dev selection falls back on when
+    accuracy ties or sits at its ceiling.
 
     ``task=None`` means classification (candidate accuracy), for callers without a Task.
     ``desc`` shows a progress bar of its own on stderr (examples, with ETA) under that name:
@@ -33,9 +37,12 @@ def evaluate(model: nn.Module, tokenizer, task: Task | None, examples: list[Exam
         with tqdm(total=len(examples), desc=desc, unit="ex", leave=False, dynamic_ncols=True) as bar:
             return evaluate(model, tokenizer, task, examples, batch_size, max_new_tokens, progress=bar)
     if task is None or task.kind == "classification":
-        preds = predict(model, tokenizer, examples, batch_size, progress=progress).tolist()
-        acc = accuracy(preds, [e.gold for e in examples])
-        return {"metric": "accuracy", "value": acc, "n": len(examples), "accuracy": acc}
+        scores = candidate_scores(model, tokenizer, examples, batch_size, progress=progress)
+        gold = [e.gold for e in examples]
+        acc = accuracy(scores.argmax(1).tolist(), gold)
+        loss, per = dev_loss(scores, gold)
+        return {"metric": "accuracy", "value": acc, "n": len(examples), "accuracy": acc, "loss": loss,
+                "loss_se": per.std().item() / len(examples) ** 0.5 if len(examples) > 1 else 0.0}
     if any(not e.answers for e in examples):
         raise SparseZOError(f"task {task.name}: generation examples need gold 'answers'")
     answers = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size, progress=progress)

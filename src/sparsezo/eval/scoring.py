@@ -243,25 +243,42 @@ def padding_fraction(tokenizer, examples: list[Example], batch_size: int = 32, b
     return 1 - real / cells
 
 
-def predict(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32, mean: bool = False,
-            progress=None, bucketed: bool = True) -> torch.Tensor:
-    """Predicted candidate index per example (argmax of summed/mean log-prob), in input order.
+def candidate_scores(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32,
+                     mean: bool = False, progress=None, bucketed: bool = True) -> torch.Tensor:
+    """[examples, most candidates] fp32 summed (or mean) candidate log-probs, in input order; -inf
+    where an example has fewer candidates.
 
     Examples are batched in order of length (``bucketed``), so padding (wasted compute) stays
     small: 2-15% of the positions on the test splits at 32 a batch (CB 40%, ReCoRD 31%: too few
     examples to sort), against 26-61% in input order (``benchmarks/speed.py --parts padding``).
     Rows are scored independently (explicit position ids and attention masks), so the grouping
-    changes no prediction.
+    changes no score.
     """
     device = next(model.parameters()).device
     enc = encode(tokenizer, examples)
-    preds = torch.empty(len(enc), dtype=torch.long)
+    width = max((len(e.candidates) for e in examples), default=1)
+    scores = torch.full((len(enc), width), float("-inf"), dtype=torch.float32)
     for chunk in eval_chunks(enc, batch_size, bucketed):
         b = make_batch([enc[i] for i in chunk], tokenizer.pad_token_id, device=device)
-        preds[chunk] = candidate_logprobs(model, b, mean=mean).argmax(1).cpu()
+        s = candidate_logprobs(model, b, mean=mean).cpu()
+        scores[chunk, : s.shape[1]] = s
         if progress is not None:
             progress.update(len(chunk))
-    return preds
+    return scores
+
+
+def predict(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32, mean: bool = False,
+            progress=None, bucketed: bool = True) -> torch.Tensor:
+    """Predicted candidate index per example (argmax of :func:`candidate_scores`), in input order."""
+    return candidate_scores(model, tokenizer, examples, batch_size, mean, progress, bucketed).argmax(1)
+
+
+def dev_loss(scores: torch.Tensor, gold: list[int]) -> tuple[float, torch.Tensor]:
+    """(mean, per-example) cross-entropy over the candidates of :func:`candidate_scores`: the ``ce``
+    training loss on a split, free once the split is scored. Dev selection breaks accuracy ties on
+    it, and it still shows learning where accuracy cannot (a split already at 100%)."""
+    per = F.cross_entropy(scores, torch.tensor(gold), reduction="none")
+    return per.mean().item(), per
 
 
 def accuracy(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32, mean: bool = False,

@@ -45,6 +45,7 @@ from ..resources import available_memory_bytes, gib
 from .base import MaskContext
 from .quantized import QuantWeight, recomputing
 from .topk import TopK
+from ..hints import setting
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ def calibration_batches(tokenizer, texts: list[str], calib_tokens: int, seq_len:
             "give a longer --calib file or a smaller --calib-seq-len"
         )
     if len(ids) < calib_tokens:
-        log.warning("warning: the calibration text has %d tokens, fewer than --calib-tokens %d: the Fisher score uses "
-                     "%d; give a longer --calib file for the full budget", len(ids), calib_tokens, n_rows * seq_len)
+        log.warning("warning: the calibration text has %d tokens, fewer than %s %d: the Fisher score uses "
+                     "%d; give %s for the full budget", len(ids), setting("calib_tokens"), calib_tokens,
+                     n_rows * seq_len, setting("calib"))
     return torch.tensor(ids[: n_rows * seq_len]).view(n_rows, seq_len)
 
 
@@ -243,7 +245,9 @@ def squared_gradient_passes(model: nn.Module, params: dict[str, nn.Parameter | Q
     with recomputing(model, quant):
         loss_fn = _loss_fn(model, rows[:1, : min(rows.shape[1], 32)].to(device))
     n_mb = plan["micro_batches"]
-    bar = tqdm(total=len(plan["groups"]) * n_mb, desc="fisher", unit="batch", leave=False)
+    # one tick per tensor gradient, as backward delivers them: a single large micro-batch (the demo's)
+    # would otherwise hold the bar at 0/1, with no ETA, for its whole backward
+    bar = tqdm(total=n_mb * sum(map(len, plan["groups"])), desc="fisher", unit="grad", leave=False)
     for group in plan["groups"]:
         buffers: dict[str, torch.Tensor] = {}
         done: set[str] = set()
@@ -251,6 +255,7 @@ def squared_gradient_passes(model: nn.Module, params: dict[str, nn.Parameter | Q
         def hook(name: str, g: torch.Tensor) -> None:
             sq = g.float().square()
             del g
+            bar.update(1)
             if n_mb == 1:
                 sink(name, sq)
                 done.add(name)
@@ -259,6 +264,7 @@ def squared_gradient_passes(model: nn.Module, params: dict[str, nn.Parameter | Q
             else:
                 buffers[name] = torch.zeros_like(sq).add_(sq)  # 0 + x, as an accumulation from zeros
 
+        ticks = bar.n
         detach = [_attach(params[name], functools.partial(hook, name)) for name in group]
         try:
             with torch.enable_grad(), _CheckpointedLayers(model, plan["checkpoint"]), recomputing(model, quant):
@@ -266,7 +272,7 @@ def squared_gradient_passes(model: nn.Module, params: dict[str, nn.Parameter | Q
                     loss = loss_fn(rows[start : start + micro_batch].to(device))
                     loss.backward()
                     del loss
-                    bar.update(1)
+                    bar.update(ticks + len(group) * (start // micro_batch + 1) - bar.n)  # tensors with no gradient
         finally:
             for d in detach:
                 d()

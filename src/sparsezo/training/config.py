@@ -66,10 +66,12 @@ class TrainResult:
     steps: int
     trajectory: Trajectory
     start_dev: float  # the dev value at step 0 (the base model)
-    dev_noise: float  # its standard error (see :func:`improvement`)
-    improved: bool  # best_dev > start_dev + IMPROVED_SE · dev_noise
+    dev_noise: float  # its standard error (see :func:`sparsezo.training.outcome.improvement`)
+    improved: bool  # best_dev > start_dev + IMPROVED_SE · dev_noise (at the ceiling: the dev loss fell beyond noise)
     lr_probe: dict[str, Any] | None  # --lr auto's report (candidates, dev losses, choice, forwards), or None
     zo: ZOConfig  # the optimiser settings the run trained with: the config's, with --lr auto's chosen lr
+    best_loss: float | None = None  # dev loss of the selected θ (classification tasks; None for generation)
+    at_ceiling: bool = False  # the step-0 dev value left no room for a gain beyond noise: judged on the dev loss
 
     @property
     def lr(self) -> float:

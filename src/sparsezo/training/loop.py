@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -36,39 +35,9 @@ from .checkpoint import TrainState, check_resumable, save_checkpoint
 from .config import FUSED_AUTO_TOKENS, TrainConfig, TrainResult
 from .distributed import DistContext, DistributedEngine, check_consistent, check_one_process, check_split
 from .lr_probe import probe_lr
+from .outcome import Outcome, better
 
 _log = logging.getLogger("sparsezo")
-IMPROVED_SE = 2.0  # "improved" = best dev above the step-0 dev by more than this many standard errors
-
-
-def improvement(start: float, best: float, best_step: int, n: int) -> tuple[float, bool]:
-    """(standard error of the step-0 dev value, whether ``best`` beats it by more than IMPROVED_SE of them).
-
-    The dev metric is a mean of ``n`` per-example scores in [0, 1] (accuracy, F1), whose
-    variance is at most p(1 − p) — the binomial one for accuracy. p is the Agresti–Coull-style
-    (x + 1)/(n + 2), so a step-0 value of 0 or 1 still has noise. Two standard errors, not one:
-    the best of several noisy evaluations beats the first by about one on its own, with no
-    learning at all. A run whose best is step 0 never improved.
-    """
-    p = (start * n + 1) / (n + 2)
-    se = math.sqrt(p * (1 - p) / max(n, 1))
-    return se, best_step > 0 and best - start > IMPROVED_SE * se
-
-
-def _not_improved_hint(history: list[dict[str, Any]], key: str, start: float, se: float, lr: float) -> str:
-    """What to try when nothing was learned: lower lr when the dev value fell, else either way.
-
-    A flat dev curve is ambiguous: a too-small lr gives one, and so can a too-large one (lr 1e-3 kept
-    SmolLM2's SST-2 dev within noise for 400 steps, where 1e-4 learned; benchmarks/convergence.py).
-    """
-    later = [r[key] for r in history if key in r and r["step"] > 0]
-    fell = bool(later) and min(later) < start - IMPROVED_SE * se
-    what = (f"the dev value fell below the base's: lr {lr:g} is too large, try --lr {lr / 3:.3g}" if fell else
-            f"the dev value stayed within noise: try --lr {lr * 3:.3g} or more --steps (or --lr {lr / 3:.3g}: "
-            "a too-large lr can also keep dev flat, its noise cancelling what it learns)")
-    return f"{what}, or --lr auto to probe a grid of lrs first"
-
-
 def fused_engine(model: torch.nn.Module, params: TrainableParams, cfg: TrainConfig) -> FusedPM | None:
     """The step's fused ±ε forward for ``cfg.fused_pm``: always (on), never (off), or (auto) on
     4-bit layers for batches of at most ``FUSED_AUTO_TOKENS`` positions, where it measured faster.
@@ -164,16 +133,22 @@ def fine_tune(
             except OSError as e:  # file.write's OSError names no file; the last checkpoint stays resumable
                 raise SparseZOError(f"cannot write {metrics_path} ({e.strerror}); {os_hint(e.errno)}") from e
 
-    def evaluate(step: int) -> float:
+    def evaluate(step: int) -> tuple[float, float | None]:
+        """(dev metric, dev loss or None) at ``step``; both rank 0's under ``dist``."""
         # its own bar (the step bar's rate must not absorb a dev pass, nor step 0's look like a hang)
         desc = f"dev @ step {step}" if progress else None
         res = evaluate_split(model, tokenizer, task, dev, cfg.eval_batch_size, desc=desc)
-        value = res["value"] if dist is None else dist.from_main(res["value"], f"dev evaluation at step {step}")
-        row = {"step": step, f"dev_{res['metric']}": value}
+        if dist is not None:
+            for k in ("value", "loss", "loss_se"):
+                if k in res:
+                    res[k] = dist.from_main(res[k], f"dev evaluation at step {step}")
+        row = {"step": step, f"dev_{res['metric']}": res["value"]}
+        if "loss" in res:
+            row.update(dev_loss=res["loss"], dev_loss_se=res["loss_se"])
         if on_eval is not None:
             row.update(on_eval(step))
         log(row)
-        return value
+        return res["value"], res.get("loss")
 
     t0 = time.perf_counter()
     scale = weight_scale(params)
@@ -196,10 +171,12 @@ def fine_tune(
         for k, v in resume.opt_state.items():
             engine.opt.state[k].copy_(v)
         best_acc, best_step, best_theta = resume.best_value, resume.best_step, resume.best_theta.clone()
+        best_loss = next((r.get("dev_loss") for r in history if r["step"] == best_step and "dev_loss" in r), None)
         trajectory, start, t0 = resume.trajectory, resume.step, t0 - resume.seconds
     else:
-        best_acc, best_step, best_theta = evaluate(0), 0, params.theta.clone()
+        (best_acc, best_loss), best_step, best_theta = evaluate(0), 0, params.theta.clone()
         trajectory, start = Trajectory(), 0
+    ceiling = Outcome.of(history, best_step, best_acc, best_loss, len(dev)).ceiling  # from the step-0 dev row
     bar = tqdm(range(start, cfg.steps), desc="zo", unit="step", disable=not progress, dynamic_ncols=True,
                initial=start, total=cfg.steps)
     running = None
@@ -217,10 +194,10 @@ def fine_tune(
             evaluating = (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps
             drift.check(params.theta, step + 1, rec.lr, force=evaluating)
             if evaluating:
-                acc = evaluate(step + 1)
+                acc, loss = evaluate(step + 1)
                 bar.unpause()  # the step rate and ETA count ZO steps only, not the dev pass just shown
-                if acc > best_acc or not cfg.keep_best:
-                    best_acc, best_step, best_theta = acc, step + 1, params.theta.clone()
+                if better(acc, loss, best_acc, best_loss, ceiling) or not cfg.keep_best:
+                    best_acc, best_loss, best_step, best_theta = acc, loss, step + 1, params.theta.clone()
             if run_dir and checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
                 save_checkpoint(run_dir, TrainState(step + 1, params.theta, engine.opt.state, best_acc, best_step,
                                                     best_theta, trajectory, history, time.perf_counter() - t0,
@@ -237,12 +214,11 @@ def fine_tune(
             board.close()
     params.theta.copy_(best_theta)
     params.restore()
-    key, start_dev = next((k, v) for r in history if r["step"] == 0 for k, v in r.items() if k.startswith("dev_"))
-    noise, improved = improvement(start_dev, best_acc, best_step, len(dev))
-    if not improved:
-        _log.warning("warning: nothing was learned: best dev %s %.4f at step %d vs %.4f at step 0 (noise ±%.4f over "
-                     "%d dev examples): %s; %s", key[4:], best_acc, best_step, start_dev, noise, len(dev),
-                     "the result is the base model" if best_step == 0 else "the gain is within noise",
-                     _not_improved_hint(history, key, start_dev, noise, zo.lr))
-    return TrainResult(best_step, best_acc, history, time.perf_counter() - t0, cfg.steps, trajectory, start_dev,
-                       noise, improved, lr_probe, zo)
+    outcome = Outcome.of(history, best_step, best_acc, best_loss, len(dev))
+    if not outcome.improved:
+        _log.warning("warning: nothing was learned: %s", outcome.explain(history, zo.lr))
+    elif outcome.ceiling:
+        _log.info("dev %s was at its ceiling at step 0 (%.4f): step %d was selected on the dev loss (%.4f -> %.4f)",
+                  outcome.key[4:], outcome.start, best_step, outcome.start_loss, best_loss)
+    return TrainResult(best_step, best_acc, history, time.perf_counter() - t0, cfg.steps, trajectory,
+                       outcome.start, outcome.noise, outcome.improved, lr_probe, zo, best_loss, outcome.ceiling)

@@ -18,6 +18,7 @@ from ..zo.noise import step_seed
 from ..zo.registry import OPTIMIZERS, forwards_per_step
 from .batches import batch_indices
 from .config import TrainConfig
+from ..hints import setting
 
 _log = logging.getLogger("sparsezo")
 PROBE_SHARE = 0.1  # --lr auto spends at most this share of the run's training forwards
@@ -77,9 +78,9 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
     device = params.theta.device
     g2 = projected_g2(model, tokenizer, params, encoded, cfg, fused) if g2_forwards else None
     if g2 is not None and not g2 > 0:
-        _log.warning("warning: --lr auto: the loss did not change along any of %d perturbations at θ₀ (mean g² = "
-                     "%s): the trainable weights barely affect it; centring the grid on |θ| instead (raise --eps "
-                     "or use another mask)", PROBE_G2_QUERIES, g2)
+        _log.warning("warning: %s: the loss did not change along any of %d perturbations at θ₀ (mean g² = "
+                     "%s): the trainable weights barely affect it; centring the grid on |θ| instead (raise %s "
+                     "or use another mask)", setting("lr_auto"), PROBE_G2_QUERIES, g2, setting("eps"))
     grid = list(cfg.lr_grid or opt.lr_grid(params.numel, g2))
     report = {"candidates": grid, "g2": g2, "backoff": PROBE_BACKOFF, "dev_examples": len(sub), "cap_forwards": cap,
               "run_forwards": run_forwards}
@@ -123,10 +124,11 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
     chosen, best, no_signal = choose_lr(grid, losses, start)
     forwards = g2_forwards + len(grid) * steps_each * fps + (len(grid) + 1) * eval_cost
     if no_signal:
-        _log.warning("warning: --lr auto: no candidate lr of %s lowered the dev loss in %d steps (%.4f at the "
+        _log.warning("warning: %s: no candidate lr of %s lowered the dev loss in %d steps (%.4f at the "
                      "start), so the probe could not choose; using the grid's centre, lr %g. If the dev value "
-                     "stays flat, the task may need more --steps, another --loss or a --lr of your own",
-                     grid, steps_each, start, chosen)
+                     "stays flat, the task may need more %s, another %s or a %s of your own",
+                     setting("lr_auto"), grid, steps_each, start, chosen, setting("steps"), setting("loss"),
+                     setting("lr"))
     else:
         _log.info("--lr auto: lr %g = %g (lowest dev loss %.4f, start %s, of %s) / %g; %d forwards = %.1f%% of "
                   "the run's %d", chosen, grid[best], losses[best], start, grid, PROBE_BACKOFF, forwards,

@@ -57,8 +57,12 @@ def record_outcome(meta: dict[str, Any], result: TrainResult) -> None:
 
 
 def learned(result: TrainResult, metric: str) -> dict[str, Any]:
-    """The fields that say whether a fine-tune learned anything (see :func:`sparsezo.training.loop.improvement`)."""
+    """The fields that say whether a fine-tune learned anything (see :mod:`sparsezo.training.outcome`)."""
     out = {"improved": result.improved, f"start_dev_{metric}": result.start_dev, "dev_noise": result.dev_noise}
+    if result.best_loss is not None:
+        out["best_dev_loss"] = result.best_loss
+    if result.at_ceiling:
+        out["dev_at_ceiling"] = True
     if result.lr_probe:
         out["lr_auto_forwards"] = result.lr_probe["forwards"]
     return out

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import SparseZOError
 from .trainable import TrainableParams
+from ..hints import setting
 
 log = logging.getLogger("sparsezo")
 EPS_MAX = 1.0  # --eps at or above the trained tensors' RMS replaces them by noise in θ ± εz
@@ -85,9 +86,9 @@ class DriftGuard:
         if drift > DRIFT_STOP * self.scale:
             raise SparseZOError(f"θ diverged at step {step}: the trained weights moved {drift:.3g} (RMS) from their "
                                 f"start, {drift / self.scale:.3g}× their layers' RMS {self.scale:.3g}; lr {lr:g} is "
-                                "far too large for them: lower --lr (or use --lr auto)")
+                                f"far too large for them: lower {setting('lr')} (or use {setting('lr_auto')})")
         if drift > DRIFT_WARN * self.scale and not self.warned:
             self.warned = True
             log.warning("warning: after %d steps the trained weights moved %.3g (RMS) from their start, %.3gx their "
                         "layers' RMS %.3g: lr %g is implausibly large for them; the fine-tune is likely destroying "
-                        "the model, lower --lr", step, drift, drift / self.scale, self.scale, lr)
+                        "the model, lower %s", step, drift, drift / self.scale, self.scale, lr, setting("lr"))
