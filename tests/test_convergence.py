@@ -266,7 +266,9 @@ def test_lr_auto_on_a_run_too_short_to_probe_trains_at_the_centre_of_its_measure
     assert probe["choice"] == "short-run" and probe["steps_each"] == 0 and probe["g2"] > 0
     assert probe["candidates"] == list(SGD.lr_grid(params.numel, probe["g2"]))  # centred on the measured g²
     assert res.lr == probe["lr"] == probe["candidates"][2]  # the middle of the half-decade grid
-    assert probe["forwards"] == 16 and any("too few to try" in r.getMessage() for r in caplog.records)
+    # E[g²] within the 10% cap: 6 of its 8 queries (12 forwards of the run's 120), not all 8 (16, 13%)
+    assert probe["g2_queries"] == 6 and probe["forwards"] == 12 == probe["cap_forwards"]
+    assert any("too few to try" in r.getMessage() for r in caplog.records)
     assert res.steps == 60 and all(r["lr"] == probe["lr"] for r in res.history if "loss" in r)
 
 
@@ -367,3 +369,14 @@ def test_lr_auto_without_a_grid_centres_it_on_g2_and_counts_its_forwards():
     assert probe["g2"] > 0 and tuple(probe["candidates"]) == OPTIMIZERS["sgd"].lr_grid(params.numel, probe["g2"])
     ran = len(probe["candidates"]) * probe["steps_each"] * 2 + (len(probe["candidates"]) + 1) * 2  # 32 dev / 16
     assert probe["forwards"] == 2 * PROBE_G2_QUERIES + ran <= probe["cap_forwards"]
+
+
+@pytest.mark.parametrize("steps", [4, 20, 100])
+def test_lr_auto_never_spends_more_than_its_share_of_a_run(steps):
+    """Short runs included: E[g²] takes fewer queries, or none (|θ|-centred grid), to stay within 10%."""
+    model, tok = tiny_model(), tiny_tokenizer()
+    params = TrainableParams(model, compute_mask(model, "full"))
+    cfg = TrainConfig(steps=steps, batch_size=16, eval_every=steps, lr_auto=True, zo=ZOConfig(lr=1.0, eps=1e-3))
+    probe = fine_tune(model, tok, params, _examples(64, 1), _examples(32, 2), cfg, progress=False).lr_probe
+    assert probe["forwards"] <= PROBE_SHARE * probe["run_forwards"] == PROBE_SHARE * 2 * steps
+    assert (probe["g2"] is None) == (probe["g2_queries"] == 0) and (steps > 4 or probe["g2"] is None)

@@ -53,7 +53,7 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
     short to try them, the grid's centre (:func:`grid_centre`).
 
     The candidates of sgd and momentum are centred on E[g²] measured first at θ₀
-    (``projected_g2``, 2·PROBE_G2_QUERIES forwards): their best lr moves with it by decades
+    (``projected_g2``, 2·PROBE_G2_QUERIES forwards, fewer where the cap needs it): their best lr moves with it by decades
     between masks and models, which no fixed or |θ|-scaled grid of five points covers.
 
     Why the dev *loss* (cfg.loss over the first PROBE_DEV dev examples) and not accuracy: a few
@@ -66,23 +66,30 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
     that fits fewer than 2 measures only E[g²]).
     """
     opt = OPTIMIZERS[cfg.zo.optimizer]
-    g2_forwards = 2 * PROBE_G2_QUERIES if cfg.lr_grid is None and opt.grid_from_g2 else 0
     n_grid = len(cfg.lr_grid or opt.lr_grid(params.numel))  # its length does not depend on g²
     fps = forwards_per_step(cfg.zo.optimizer, cfg.zo.q)
     run_forwards = cfg.steps * fps
     cap = int(PROBE_SHARE * run_forwards)
+    # E[g²] takes 2 forwards a query: as many queries as the cap allows, up to PROBE_G2_QUERIES, and none
+    # below 2 (a short run's grid is then centred on |θ|): the probe never costs more than PROBE_SHARE
+    g2_queries = min(PROBE_G2_QUERIES, cap // 2) if cfg.lr_grid is None and opt.grid_from_g2 else 0
+    g2_queries = g2_queries if g2_queries >= 2 else 0
+    g2_forwards = 2 * g2_queries
     sub = dev[:PROBE_DEV]
-    chunks = [sub[i : i + cfg.batch_size] for i in range(0, len(sub), cfg.batch_size)]
-    eval_cost = len(chunks)  # forwards of one dev-loss measurement
-    steps_each = min(PROBE_MAX_STEPS, (cap - g2_forwards - eval_cost * (n_grid + 1)) // (n_grid * fps))
     device = params.theta.device
-    g2 = projected_g2(model, tokenizer, params, encoded, cfg, fused) if g2_forwards else None
+    batches = micro_batches(encode(tokenizer, sub), tokenizer.pad_token_id, device, cfg.bucket)
+    # one dev-loss measurement in the unit the run's forwards are counted in (a forward over a training
+    # batch: both are split into length-bucketed micro-batches alike), i.e. dev examples / batch size
+    eval_cost = -(-len(sub) // cfg.batch_size)
+    steps_each = min(PROBE_MAX_STEPS, (cap - g2_forwards - eval_cost * (n_grid + 1)) // (n_grid * fps))
+    g2 = projected_g2(model, tokenizer, params, encoded, cfg, fused, g2_queries) if g2_queries else None
     if g2 is not None and not g2 > 0:
         _log.warning("warning: %s: the loss did not change along any of %d perturbations at θ₀ (mean g² = "
                      "%s): the trainable weights barely affect it; centring the grid on |θ| instead (raise %s "
-                     "or use another mask)", setting("lr_auto"), PROBE_G2_QUERIES, g2, setting("eps"))
+                     "or use another mask)", setting("lr_auto"), g2_queries, g2, setting("eps"))
     grid = list(cfg.lr_grid or opt.lr_grid(params.numel, g2))
-    report = {"candidates": grid, "g2": g2, "backoff": PROBE_BACKOFF, "dev_examples": len(sub), "cap_forwards": cap,
+    report = {"candidates": grid, "g2": g2, "g2_queries": g2_queries, "backoff": PROBE_BACKOFF,
+              "dev_examples": len(sub), "cap_forwards": cap,
               "run_forwards": run_forwards}
     if steps_each < 2:  # too short a run to try every candidate twice within the cap: the grid's centre
         chosen = grid_centre(grid, [])
@@ -91,7 +98,6 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
                   g2, g2_forwards)
         return {"lr": chosen, "choice": "short-run", "probe_best_lr": None, "dev_loss": [], "start_dev_loss": None,
                 "steps_each": 0, "forwards": g2_forwards, **report}
-    batches = micro_batches(encode(tokenizer, sub), tokenizer.pad_token_id, device, cfg.bucket)
 
     def dev_loss() -> float | None:
         value = micro_batch_loss(model, batches, cfg.loss)
@@ -157,20 +163,20 @@ def grid_centre(grid: list[float], diverged: list[float]) -> float:
 
 
 def projected_g2(model, tokenizer, params: TrainableParams, encoded: list, cfg: TrainConfig,
-                 fused: FusedPM | None = None) -> float:
-    """E[g²]: the mean squared projected gradient ((L+ − L−)/2ε)² at θ₀ over PROBE_G2_QUERIES
-    queries, on the run's own first batches and noise seeds (2 forwards each; θ is not changed).
+                 fused: FusedPM | None = None, queries: int = PROBE_G2_QUERIES) -> float:
+    """E[g²]: the mean squared projected gradient ((L+ − L−)/2ε)² at θ₀ over ``queries`` queries,
+    on the run's own first batches and noise seeds (2 forwards each; θ is not changed).
 
     It is what the ZO step sees of the gradient on the trained set, whatever the model family,
     mask, loss scale or dtype, so the lr grid can be centred on it (``SGD.lr_grid``).
     """
     engine = ZOEngine(params, cfg.zo, cfg.steps, fused=fused)
     total = 0.0
-    for t in range(PROBE_G2_QUERIES):
+    for t in range(queries):
         idx = batch_indices(cfg.zo.seed, t, len(encoded), cfg.batch_size)
         batch = micro_batches([encoded[i] for i in idx], tokenizer.pad_token_id, params.theta.device, cfg.bucket)
         g = engine.projected_gradient(step_seed(cfg.zo.seed, t), PMLoss(model, batch, cfg.loss))
         if not math.isfinite(g):
             raise SparseZOError(f"--lr auto: the loss is not finite at θ₀ ±ε·z (g = {g}); lower --eps")
         total += g * g
-    return total / PROBE_G2_QUERIES
+    return total / queries
