@@ -90,7 +90,7 @@ def test_demo_train_and_api_share_one_recipe():
     for key in ("steps", "lr", "eps", "density", "eval_every", "num_dev", "calib_tokens", "seed"):
         assert getattr(demo, key) == getattr(DEMO, key), key
     differ = {k for k in vars(TRAIN) if getattr(TRAIN, k) != getattr(DEMO, k)}
-    assert differ == {"steps", "num_dev", "calib_tokens"}  # what the README and the help texts state
+    assert differ == {"steps", "num_dev", "calib_tokens", "lr"}  # what the README and the help texts state
     cfg = DEMO.train_config()
     assert (cfg.steps, cfg.batch_size, cfg.zo.lr, cfg.zo.eps) == (400, 16, 1e-4, 1e-2)
 

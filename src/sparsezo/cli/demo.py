@@ -31,7 +31,7 @@ def register(sub) -> None:
     """demo: the recipe of :data:`sparsezo.DEMO` (train's, shortened to minutes), a few knobs open."""
     p = add_command(sub, "demo", "zero-shot -> sensitive sparse ZO fine-tune -> test, on SST-2 and the default model "
                                  "(the recipe of sparsezo.DEMO: train's, with 400 steps, 200 dev "
-                                 "examples and 8192 calibration tokens)")
+                                 "examples, 8192 calibration tokens and the fixed lr 1e-4 for --lr auto)")
     add_model_args(p, dtype=AUTO)
     p.add_argument("--steps", type=int, default=DEMO.steps, help="ZO steps (train's default: 1000)")
     p.add_argument("--lr", type=lr_value, default=DEMO.lr, help=LR_HELP)

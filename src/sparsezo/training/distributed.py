@@ -150,7 +150,8 @@ def check_split(parallel: str, world: int, q: int, batch_size: int | None = None
 def check_one_process(lr_auto: bool, optimizer: str) -> None:
     """What runs in one process only: --lr auto's probe, and the optimisers that measure L(θ) (hizoo, fzoo)."""
     if lr_auto:
-        raise SparseZOError("--lr auto runs in one process; probe without --nproc, then pass the chosen --lr")
+        raise SparseZOError("--lr auto (train's default) runs in one process: pass a number with --lr for --nproc "
+                            "runs (e.g. the lr a one-process --lr auto run recorded in its config.json)")
     if OPTIMIZERS[optimizer].needs_center:
         raise SparseZOError(f"--optimizer {optimizer} runs in one process only; use another optimizer with --nproc")
 
