@@ -380,3 +380,41 @@ def test_lr_auto_never_spends_more_than_its_share_of_a_run(steps):
     probe = fine_tune(model, tok, params, _examples(64, 1), _examples(32, 2), cfg, progress=False).lr_probe
     assert probe["forwards"] <= PROBE_SHARE * probe["run_forwards"] == PROBE_SHARE * 2 * steps
     assert (probe["g2"] is None) == (probe["g2_queries"] == 0) and (steps > 4 or probe["g2"] is None)
+
+
+def test_the_default_lr_is_auto_and_its_runs_learn_replay_and_resume_identically(env, capsys, monkeypatch):
+    """`train` with no --lr probes (sparsezo.TRAIN.lr is None): on the tiny task it learns, its trajectory
+    replays to the same delta bytes, and a run interrupted after a checkpoint resumes to the same bytes."""
+    def argv(out):
+        return ["train", "--model", env["model"], "--data-dir", env["data"], "--dtype", "float32", "--mask", "random",
+                "--density", "0.05", "--steps", "300", "--batch-size", "16", "--eval-every", "50", "--num-train",
+                "133", "--num-dev", "67", "--num-test", "64", "--eps", "1e-3", "--checkpoint-every", "20",
+                "--out", str(out), "--json"]
+
+    ref = env["root"] / "default-lr"
+    assert main(argv(ref)) == 0
+    res = json.loads(capsys.readouterr().out)
+    config = json.loads((ref / "config.json").read_text())
+    assert config["args"]["lr"] is None and config["train"]["lr_auto"] is True
+    assert res["lr"] == config["lr_auto"]["lr"] and res["lr_auto_forwards"] <= 0.1 * 300 * 2
+    assert res["improved"] and res["best_dev_accuracy"] > res["start_dev_accuracy"]
+    replayed = env["root"] / "default-lr-replayed.safetensors"
+    assert main(["replay", str(ref), "--out", str(replayed)]) == 0
+    assert replayed.read_bytes() == (ref / "delta.safetensors").read_bytes()
+
+    import sparsezo.training.loop as loop
+    save = loop.save_checkpoint
+
+    def save_then_stop(run_dir, state, **kw):
+        save(run_dir, state, **kw)
+        if state.step == 140:
+            raise KeyboardInterrupt  # as a Ctrl-C right after the checkpoint
+
+    stopped = env["root"] / "default-lr-stopped"
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    assert main(argv(stopped)) == 130 and not (stopped / "delta.safetensors").exists()
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "probe_lr", lambda *a, **k: pytest.fail("probed again on resume"))
+    assert main(["train", "--resume", str(stopped), "--json"]) == 0
+    for name in ("delta.safetensors", "trajectory.safetensors"):
+        assert (stopped / name).read_bytes() == (ref / name).read_bytes(), name

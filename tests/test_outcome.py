@@ -86,3 +86,10 @@ def test_a_run_at_the_ceiling_is_selected_and_judged_on_the_dev_loss(caplog):
     # the selected θ is the one that run left in params: its dev loss is the recorded one
     assert evaluate(model, tok, None, dev)["loss"] == pytest.approx(res.best_loss, abs=1e-6)
     assert torch.isfinite(params.theta).all()
+
+
+def test_the_hint_does_not_suggest_lr_auto_to_a_run_that_used_it():
+    history = [{"step": 0, "dev_accuracy": 0.5}, {"step": 10, "dev_accuracy": 0.5}]
+    with cli_style():
+        text = Outcome.of(history, 0, 0.5, None, 100).explain(history, 0.042, probed=True)
+    assert "--lr auto chose lr 0.042" in text and "to probe a grid" not in text and "--lr 0.126" in text

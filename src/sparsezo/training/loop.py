@@ -216,7 +216,7 @@ def fine_tune(
     params.restore()
     outcome = Outcome.of(history, best_step, best_acc, best_loss, len(dev))
     if not outcome.improved:
-        _log.warning("warning: nothing was learned: %s", outcome.explain(history, zo.lr))
+        _log.warning("warning: nothing was learned: %s", outcome.explain(history, zo.lr, probed=lr_probe is not None))
     elif outcome.ceiling:
         _log.info("dev %s was at its ceiling at step 0 (%.4f): step %d was selected on the dev loss (%.4f -> %.4f)",
                   outcome.key[4:], outcome.start, best_step, outcome.start_loss, best_loss)

@@ -79,8 +79,8 @@ class Outcome:
             improved = best_step > 0 and best_loss < start_loss - IMPROVED_SE * (loss_noise or 0.0)
         return cls(key, start, noise, best, best_step, n, start_loss, loss_noise, best_loss, ceiling, improved)
 
-    def explain(self, history: list[dict[str, Any]], lr: float) -> str:
-        """Why the run counts as not improved, and what to try."""
+    def explain(self, history: list[dict[str, Any]], lr: float, probed: bool = False) -> str:
+        """Why the run counts as not improved, and what to try (``probed``: ``lr`` was --lr auto's choice)."""
         metric = self.key[4:]
         if self.ceiling:
             where = (f"dev {metric} was already {self.start:.4f} at step 0, at its ceiling for {self.n} dev examples "
@@ -90,13 +90,13 @@ class Outcome:
             return (f"{where}, and the dev loss did not fall beyond noise ({self.start_loss:.4f} at step 0, "
                     f"{self.best_loss:.4f} at step {self.best_step}, ±{self.loss_noise or 0:.4f}); "
                     f"{'the result is the base model' if self.best_step == 0 else 'the gain is within noise'}. "
-                    f"The task may be too easy for this model; otherwise {self._lr_hint(history, lr)}")
+                    f"The task may be too easy for this model; otherwise {self._lr_hint(history, lr, probed)}")
         return (f"best dev {metric} {self.best:.4f} at step {self.best_step} vs {self.start:.4f} at step 0 (noise "
                 f"±{self.noise:.4f} over {self.n} dev examples): "
                 f"{'the result is the base model' if self.best_step == 0 else 'the gain is within noise'}; "
-                f"{self._lr_hint(history, lr)}")
+                f"{self._lr_hint(history, lr, probed)}")
 
-    def _lr_hint(self, history: list[dict[str, Any]], lr: float) -> str:
+    def _lr_hint(self, history: list[dict[str, Any]], lr: float, probed: bool) -> str:
         """Lower lr when the dev value fell, else either way.
 
         A flat dev curve is ambiguous: a too-small lr gives one, and so can a too-large one (lr 1e-3
@@ -108,6 +108,8 @@ class Outcome:
         what = (f"the dev value fell below the base's: lr {lr:g} is too large, try {setting('lr', lr / 3)}" if fell else
                 f"the dev value stayed within noise: try {setting('lr', lr * 3)} or more {setting('steps')} (or "
                 f"{setting('lr', lr / 3)}: a too-large lr can also keep dev flat, its noise cancelling what it learns)")
+        if probed:
+            return f"{what} ({setting('lr_auto')} chose lr {lr:g})"
         return f"{what}, or {setting('lr_auto')} to probe a grid of lrs first"
 
 
