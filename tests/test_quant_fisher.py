@@ -95,3 +95,33 @@ def test_cli_mask_compute_over_a_4bit_base_gives_a_mask_for_the_dense_model(tmp_
     assert main([*common, "--quant", "nf4", "--mask", str(tmp_path / "dense.safetensors"),
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "scores a rule over a 4-bit base" in capsys.readouterr().err
+
+
+def test_cli_mask_compute_over_a_quantized_folder_scores_its_4bit_layers(tmp_path, capsys):
+    """`mask compute --model QFOLDER` (a `sparsezo quantize` folder): the rule is scored over the folder's
+    4-bit layers, as the API does on the loaded folder, and is not the mask the folder was built with."""
+    pytest.importorskip("bitsandbytes", reason="NF4 needs bitsandbytes")
+    from helpers import save_tiny_model
+    from sparsezo import Mask, load_model
+    from sparsezo.cli import main
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"the film number {i} was good and fun" for i in range(200)))
+    assert main(["mask", "compute", "--model", str(model_dir), "--mask", "random", "--density", "0.05",
+                 "--out", str(tmp_path / "random.safetensors")]) == 0
+    assert main(["quantize", "--quant", "nf4", "--model", str(model_dir), "--dtype", "float32",
+                 "--mask", str(tmp_path / "random.safetensors"), "--out", str(tmp_path / "q")]) == 0
+    opts = ["--mask", "sensitive", "--density", "0.05", "--calib", str(calib), "--calib-tokens", "256",
+            "--calib-seq-len", "64"]
+    assert main(["mask", "compute", "--model", str(tmp_path / "q"), *opts, "--json",
+                 "--out", str(tmp_path / "s.safetensors")]) == 0
+    assert '"quantized_base": true' in capsys.readouterr().out
+    got = Mask.load(tmp_path / "s.safetensors")
+    model, tok = load_model(tmp_path / "q")
+    ref = compute_mask(model, "sensitive", 0.05, tokenizer=tok, texts=[calib.read_text()], calib_tokens=256,
+                       seq_len=64)
+    built = Mask.load(tmp_path / "random.safetensors")
+    assert got.rule == "sensitive" and set(got.indices) == set(ref.indices)
+    assert all(torch.equal(got.indices[n], ref.indices[n]) for n in ref.indices)
+    assert any(not torch.equal(got.indices[n], built.indices[n]) for n in built.indices if n in got.indices)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ..errors import SparseZOError, from_os_error
@@ -10,6 +11,7 @@ from ..io import check_writable
 from ..masks import Mask, sensitivity_scores
 from ..masks.analysis import compare, density_table, fisher_mass, plot_layer_density
 from ..model.load import build_model
+from ..quant.layers import is_quantized_folder
 from ..resources import memory_report
 from .common import (calibration, check_common, emit, mask_source, memory_text, model_and_mask, refuse_existing,
                      train_split)
@@ -42,21 +44,25 @@ def run_compute(args: argparse.Namespace) -> None:
     check_common(args)
     refuse_existing(args.out)
     check_writable(args.out)  # before the model loads and the scores take minutes
-    if args.quant:  # the Fisher score over a plain 4-bit base: the bf16 weights never need to fit at once
+    quantized = args.model is not None and Path(args.model).is_dir() and is_quantized_folder(Path(args.model))
+    if args.quant or quantized:  # the score over a 4-bit base: the bf16 weights never need to fit at once
         source = mask_source(args, train_split(args))
         if isinstance(source, Mask):
-            raise SparseZOError(f"mask compute --quant scores a rule over a 4-bit base; --mask {args.mask} is a file")
-        model, tok, _ = build_model(args.model, args.dtype, args.device, args.quant)
+            raise SparseZOError(f"mask compute scores a rule over a 4-bit base; --mask {args.mask} is a file, not a "
+                                "rule: name a rule (e.g. --mask sensitive)")
+        # a quantized folder (sparsezo quantize) loads as it is: the rule scores its 4-bit layers, their exact
+        # entries at their exact values; it does not copy the mask the folder was built with
+        model, tok, _ = build_model(args.model, args.dtype, args.device, None if quantized else args.quant)
         mask = source(model, tok)
     else:
         _, _, mask = model_and_mask(args, train_split(args))
-    mask.save(args.out)
     info = {k: mask.meta.get(k) for k in ("rule", "density", "scope", "num_trainable", "num_eligible", "source")}
-    info.update(mask.stats, **memory_report(args.device), out=args.out)
-    text = (f"{mask.rule}: {mask.num_trainable} of {mask.num_eligible} weights in {mask.stats['seconds']:.1f}s, "
+    info.update(mask.stats, **memory_report(args.device), out=args.out, quantized_base=bool(args.quant or quantized))
+    text = (f"{mask.rule}: {mask.num_trainable} of {mask.num_eligible} weights in {mask.stats.get('seconds', 0):.1f}s, "
             f"{memory_text(info)} -> {args.out}")
     if "fisher_mass" in mask.stats:
         text += "\nFisher mass held by the top d: " + ", ".join(f"{d}: {m:.3f}" for d, m in mask.stats["fisher_mass"].items())
+    mask.save(args.out)
     emit(args, info, text)
 
 
