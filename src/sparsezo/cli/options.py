@@ -1,5 +1,9 @@
 """The option groups several commands share (model, task, mask, ZO), and the help formatter.
 
+Each ``add_*_args`` helper adds into ``p``, a parser or one of its argument groups (:data:`Options`), so a
+command with many options (``train``) can file them under headed groups in its --help while the
+others keep one flat list; where a helper's options belong in two places, a keyword names the second.
+
 Every list of allowed values comes from its registry: ``--quant`` from :data:`QUANT_TYPES`,
 ``--optimizer`` from :data:`OPTIMIZERS`, ``--dtype`` from :data:`DTYPES`, ``--task`` from
 :data:`TASKS`.
@@ -20,6 +24,8 @@ from ..training.config import FUSED_AUTO_TOKENS, FUSED_PM
 from ..training.recipe import TRAIN
 from ..zo.registry import OPTIMIZERS
 
+# a parser or one of its argument groups: where an add_*_args helper adds its options
+Options = argparse.ArgumentParser | argparse._ArgumentGroup
 DTYPE_NAMES = list(DTYPES)
 DTYPE_CHOICES = [*DTYPES, AUTO]  # auto: sparsezo.dtypes.default_dtype, resolved in main before a command runs
 
@@ -54,12 +60,13 @@ def add_command(sub, name: str, about: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=about, description=about, formatter_class=HelpFormatter)
 
 
-def add_model_args(p: argparse.ArgumentParser, quant: bool = True, from_run: bool = False,
-                   dtype: str = "bfloat16") -> None:
+def add_model_args(p: Options, quant: bool = True, from_run: bool = False, dtype: str = "bfloat16",
+                   output: Options | None = None) -> None:
     """--model/--dtype/--device[/--quant]/--json; ``from_run``: eval, whose defaults come from --delta's run.
 
     ``dtype`` is the default --dtype: bfloat16 (what the recorded recipes use), or ``auto`` for the demo, whose
-    point is a quick first run on whatever machine it lands on."""
+    point is a quick first run on whatever machine it lands on. ``output``: where --json goes (default ``p``),
+    for a --help that files it with the command's other output options rather than with the model's."""
     run = "the base recorded in the --delta run, else " if from_run else ""
     p.add_argument("--model", default=None,
                    help=f"local Hugging Face model folder, or a .gguf file (or a folder holding one), converted once into "
@@ -74,14 +81,15 @@ def add_model_args(p: argparse.ArgumentParser, quant: bool = True, from_run: boo
                        help="4-bit frozen base: nf4 (bitsandbytes NF4) or int4 (group-wise int4 on PyTorch's int4 "
                             "kernels, fast on CPU); the trainable entries stay exact in --dtype "
                             f"(default: {'the --delta run' + chr(39) + 's, else ' if from_run else ''}no quantization)")
-    add_json_arg(p, "print exactly one JSON object on stdout (progress and logs stay on stderr)")
+    add_json_arg(p if output is None else output,
+                 "print exactly one JSON object on stdout (progress and logs stay on stderr)")
 
 
-def add_json_arg(p: argparse.ArgumentParser, text: str = "print exactly one JSON object on stdout") -> None:
+def add_json_arg(p: Options, text: str = "print exactly one JSON object on stdout") -> None:
     p.add_argument("--json", action="store_true", help=text)
 
 
-def add_run_base_args(p: argparse.ArgumentParser) -> None:
+def add_run_base_args(p: Options) -> None:
     """replay/merge/export: the base model defaults to the one the run recorded, in the run's dtype."""
     p.add_argument("--model", default=None, help="base model folder (default: the one the run recorded)")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="compute dtype (default: the run's)")
@@ -89,10 +97,14 @@ def add_run_base_args(p: argparse.ArgumentParser) -> None:
     add_json_arg(p)
 
 
-def add_task_args(p: argparse.ArgumentParser, kind: str = "train") -> None:
+def add_task_args(p: Options, kind: str = "train", custom: Options | None = None) -> None:
     """Task and split options of a command ``kind``: train, eval (from_run defaults, --split/--icl/
     --max-new-tokens) or mask (the task matters only to --mask sensitive-task, which scores its
     training split: no test options).
+
+    ``custom``: where the user-task options (--data, --template, ...) go; by default their own group
+    "user task (--task custom)" of ``p``, which is then a parser (argparse shows no group nested in a
+    group), or for ``mask`` the one task group.
 
     eval takes --num-train/--num-dev too: with the training run's values and seed it sees the
     same dev split and draws ICL demonstrations from the same training split.
@@ -121,7 +133,7 @@ def add_task_args(p: argparse.ArgumentParser, kind: str = "train") -> None:
     seeds = {"eval": "data sampling and ICL demonstrations" + of_run(TRAIN.seed), "mask": "data sampling and "
              "random masks", "train": "data sampling, random masks and the ZO noise"}[kind]
     p.add_argument("--seed", type=int, default=None if run else TRAIN.seed, help=f"seeds {seeds}")
-    g = p.add_argument_group("user task (--task custom)") if kind != "mask" else t
+    g = custom if custom is not None else p.add_argument_group("user task (--task custom)") if kind != "mask" else t
     g.add_argument("--data", default=None, help="labelled examples: .jsonl, .csv or .tsv")
     g.add_argument("--template", default=None,
                    help='prompt with {field} placeholders, e.g. "{text} It was"; \\n and \\t are a newline and '
@@ -139,7 +151,7 @@ def add_task_args(p: argparse.ArgumentParser, kind: str = "train") -> None:
         p.add_argument("--max-new-tokens", type=int, default=50, help="answer length limit of generation tasks")
 
 
-def add_mask_args(p: argparse.ArgumentParser, selection: bool = True) -> None:
+def add_mask_args(p: Options, selection: bool = True) -> None:
     """Mask rule/file and calibration options; ``selection=False`` (mask mass) drops --density/--scope."""
     p.add_argument("--mask", default=TRAIN.mask,
                    help="a mask file (mask.safetensors) or a rule: sensitive (Fisher on calibration text), "
@@ -166,7 +178,7 @@ def add_mask_args(p: argparse.ArgumentParser, selection: bool = True) -> None:
                         "tensors")
 
 
-def add_scope_arg(p: argparse.ArgumentParser) -> None:
+def add_scope_arg(p: Options) -> None:
     p.add_argument("--scope", default="global", choices=["global", "per-tensor"],
                    help="top-k over all eligible tensors at once, or the same fraction of each tensor")
 
@@ -181,49 +193,46 @@ def lr_value(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
-LR_HELP = ("learning rate of the ZO update, or 'auto': before training, probe a half-decade grid of lrs (the "
-           "optimizer's own) for a few dozen steps each on 32 dev examples and train with the lowest dev loss's lr "
-           "divided by 10 (short probes favour too-large lrs; at most 10%% of the run's forwards; the choice and "
-           "its cost are recorded in config.json); the grid's centre when no candidate lowered the dev loss or "
-           "the run is too short to try them")
+# the whole story (grid, fallback to its centre, what config.json records) is docs/method.md's "lr probe"
+LR_HELP = ("learning rate of the ZO update, or 'auto': probe a grid of lrs on 32 dev examples first (at most "
+           "10%% of the run's forwards) and train with the best / 10 (docs/method.md: the lr probe)")
 
 
-def add_zo_args(p: argparse.ArgumentParser) -> None:
+def add_zo_args(p: Options, advanced: Options | None = None) -> None:
+    """The ZO recipe's options; ``advanced``: where the rarely changed ones go (--dist, --direction,
+    --fused-pm, --eval-batch-size: numerics and speed, not what is learned; default ``p``)."""
+    a = p if advanced is None else advanced
     p.add_argument("--steps", type=int, default=TRAIN.steps, help="ZO steps (each: two forward passes per query)")
     p.add_argument("--lr", type=lr_value, default=TRAIN.lr, help=LR_HELP)
     p.add_argument("--eps", type=float, default=TRAIN.eps,
                    help="perturbation scale (>= 1e-2 survives bf16 rounding)")
     p.add_argument("--batch-size", type=int, default=TRAIN.batch_size, help="training examples per step")
     p.add_argument("--q", type=int, default=1, help="SPSA queries per step (n-SPSA)")
-    add_dist_arg(p, "distribution of the perturbation z (rademacher: device-independent integer hash)")
-    p.add_argument("--direction", default="applied", choices=["applied", "sampled"],
-                   help="update along the perturbation the rounded weights received (applied) or along z (sampled)")
     p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
-                   help="how the projected gradient moves θ: plain ZO-SGD, heavy-ball momentum, Adam, sign-SGD, or "
-                        "hizoo (HiZOO-style: one more forward a step for L(θ), update divided by an EMA of the "
-                        "measured curvature, so lr is a fraction of a line-search step, ~0.01-1), or fzoo "
-                        "(FZOO-style: q one-sided queries sharing L(θ), q+1 forwards a step, each slope divided by "
-                        "their spread so the step ignores the loss scale; needs --q >= 2, e.g. 8)")
+                   help="how the projected gradient moves θ: ZO-SGD, momentum, Adam, sign-SGD, hizoo (HiZOO-style: "
+                        "+1 forward a step, curvature-scaled; lr ~0.01-1) or fzoo (FZOO-style: q+1 forwards a step; "
+                        "needs --q >= 2, e.g. 8); docs/method.md: optimisers")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay: adds this times θ to the update")
     p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
                    help="learning-rate schedule over the steps after warm-up")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up from 0")
-    p.add_argument("--eval-every", type=int, default=TRAIN.eval_every,
-                   help="steps between dev evaluations (also at step 0 and the last step)")
-    p.add_argument("--eval-batch-size", type=int, default=TRAIN.eval_batch_size,
-                   help="examples per forward when evaluating")
-    p.add_argument("--keep-last", action="store_true",
-                   help="keep the final θ (default: the θ of the best dev evaluation, as MeZO)")
-    p.add_argument("--fused-pm", nargs="?", const="on", default="auto", choices=FUSED_PM,
-                   help="score θ+εz and θ−εz in one forward over the batch stacked on itself (base matmuls and "
-                        "4-bit dequantization once a step; L± equal to float rounding, replay unchanged): on "
-                        "(also plain --fused-pm), off, or auto = on for batches of at most "
-                        f"{FUSED_AUTO_TOKENS} tokens on a 4-bit base, where it measured faster (see sparsezo "
-                        "bench --compare)")
     p.add_argument("--loss", default="ce", choices=list(LOSSES),
                    help="ce: cross-entropy over candidates; lm: NLL of the gold candidate (generation tasks); "
                         "acc: 1 - batch accuracy (non-differentiable, ZO optimises it directly)")
+    p.add_argument("--eval-every", type=int, default=TRAIN.eval_every,
+                   help="steps between dev evaluations (also at step 0 and the last step)")
+    p.add_argument("--keep-last", action="store_true",
+                   help="keep the final θ (default: the θ of the best dev evaluation, as MeZO)")
+    add_dist_arg(a, "distribution of the perturbation z (rademacher: device-independent integer hash)")
+    a.add_argument("--direction", default="applied", choices=["applied", "sampled"],
+                   help="update along the perturbation the rounded weights received (applied) or along z (sampled)")
+    a.add_argument("--fused-pm", nargs="?", const="on", default="auto", choices=FUSED_PM,
+                   help="score θ+εz and θ−εz in one forward over the batch stacked on itself (same losses to float "
+                        "rounding): on (also plain --fused-pm), off, or auto = on for batches of at most "
+                        f"{FUSED_AUTO_TOKENS} tokens on a 4-bit base, where it measured faster")
+    a.add_argument("--eval-batch-size", type=int, default=TRAIN.eval_batch_size,
+                   help="examples per forward when evaluating")
 
 
-def add_dist_arg(p: argparse.ArgumentParser, text: str) -> None:
+def add_dist_arg(p: Options, text: str) -> None:
     p.add_argument("--dist", default="gaussian", choices=["gaussian", "rademacher"], help=text)

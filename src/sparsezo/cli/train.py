@@ -40,32 +40,42 @@ REPORT_ARGS = ("plot", "tensorboard")  # what is written about a run, not what i
 NOT_RUN_SETTINGS = ("func", "json", "verbose", "resume", *LAUNCH_ARGS, *REPORT_ARGS)  # never saved in config.json
 
 
+# train's --help, by where a user looks for an option (the two sub-groups keep their own headings)
+GROUPS = ("model", "data", "user task (--task custom)", "mask", "optimisation", "output", "advanced",
+          "several processes (torchrun)")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p), add_task_args(p), add_mask_args(p), add_zo_args(p)
-    p.add_argument("--out", default=None, help="run directory (default: runs/TASK-MASK-seedN); must not exist")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between crash-safe checkpoints (0: none)")
-    p.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept while training")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run from its newest intact checkpoint (all settings from RUN_DIR)")
-    p.add_argument("--plot", action="store_true",
-                   help="also write RUN/curves.png: loss and dev curves from metrics.jsonl (needs matplotlib)")
-    p.add_argument("--tensorboard", default=None, metavar="DIR",
-                   help="also log loss, projected gradient, lr and dev metrics to TensorBoard event files in DIR "
-                        "(needs the tensorboard package: the [tensorboard] extra)")
-    g = p.add_argument_group("several processes (torchrun)")
-    g.add_argument("--nproc", type=int, default=1,
-                   help="run as N processes on this machine (re-launched through torchrun); under torchrun leave it out")
-    g.add_argument("--parallel", default="data", choices=["data", "query"],
-                   help="data: each process scores its share of the batch; query: each process measures its "
-                        "share of the --q queries (bit-identical to one process)")
-    g.add_argument("--dist-timeout", type=float, default=1800,
-                   help="seconds a process waits for the others before failing (must cover rank 0's mask computation)")
+    model, data, custom, mask, optimisation, output, advanced, procs = (p.add_argument_group(t) for t in GROUPS)
+    add_model_args(model, output=output), add_task_args(data, custom=custom), add_mask_args(mask)
+    add_zo_args(optimisation, advanced=advanced)
+    output.add_argument("--out", default=None, help="run directory (default: runs/TASK-MASK-seedN); must not exist")
+    output.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="continue an interrupted run from its newest intact checkpoint (all settings from RUN_DIR)")
+    output.add_argument("--checkpoint-every", type=int, default=100,
+                        help="steps between crash-safe checkpoints (0: none)")
+    output.add_argument("--keep-checkpoints", type=int, default=1, help="checkpoints kept while training")
+    output.add_argument("--plot", action="store_true",
+                        help="also write RUN/curves.png: loss and dev curves from metrics.jsonl (needs matplotlib)")
+    output.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="also log loss, projected gradient, lr and dev metrics to TensorBoard event files in "
+                             "DIR (needs the tensorboard package: the [tensorboard] extra)")
+    procs.add_argument("--nproc", type=int, default=1,
+                       help="run as N processes on this machine (re-launched through torchrun); under torchrun leave "
+                            "it out")
+    procs.add_argument("--parallel", default="data", choices=["data", "query"],
+                       help="data: each process scores its share of the batch; query: each process measures its "
+                            "share of the --q queries (bit-identical to one process)")
+    procs.add_argument("--dist-timeout", type=float, default=1800,
+                       help="seconds a process waits for the others before failing (must cover rank 0's mask "
+                            "computation)")
 
 
 def register(sub) -> None:
     p = add_command(sub, "train", "ZO fine-tune on a task; writes delta.safetensors, config.json, metrics.jsonl")
     p.description += (". Defaults are the recipe sparsezo.TRAIN; sparsezo demo runs the same recipe "
                       "shortened (400 steps, 200 dev examples, 8192 calibration tokens)")
+    p.usage = "%(prog)s [-h] [OPTIONS]  (every option is optional: by group below)"  # not 27 lines of flags
     add_train_args(p)
     p.set_defaults(func=run)
 
