@@ -205,6 +205,9 @@ def test_merge_says_when_the_delta_is_the_base(env, capsys, caplog):
     assert main(["merge", "--delta", str(run), "--out", str(env["root"] / "noop-merged"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["delta_is_base"] is True
     assert any("delta equals the base" in r.getMessage() for r in caplog.records)
+    assert main(["merge", "--delta", str(run), "--out", str(env["root"] / "noop-merged-2")]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith(f"wrote {env['root'] / 'noop-merged-2'}: a copy of ") and "nothing was learned" in said
     if not (env["root"] / "hizoo").exists():
         assert main(_train(env, env["root"] / "hizoo")) == 0
     capsys.readouterr()

@@ -175,7 +175,9 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(env, capsys, q
     assert main(_train(env, run, "--keep-last", *(["--quant", quant] if quant else []), steps=6)) == 0
     out = env["root"] / f"merged-{quant}"
     assert main(["merge", "--delta", str(run), "--out", str(out)]) == 0
-    capsys.readouterr()
+    said = capsys.readouterr().out.splitlines()[-1]  # the folder written first, and the base said to be untouched
+    assert said.startswith(f"wrote {out}: ") and " trained weights" in said and "the base itself is unchanged" in said
+    assert ("4-bit base dequantized" in said) == bool(quant) and " -> " not in said
     from sparsezo.model.load import load_model
 
     delta = load_delta(run)

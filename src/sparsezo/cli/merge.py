@@ -38,5 +38,14 @@ def run(args: argparse.Namespace) -> None:
     emit(args, {"out": args.out, "num_trained": delta.mask.num_trainable, "quant_base": delta.meta.get("quant"),
                 "delta_is_base": unchanged,
                 "weight_bytes": nbytes, "seconds": round(time.perf_counter() - t0, 2), **mem},
-         f"merged {delta.mask.num_trainable} trained weights into {model.name_or_path}"
-         f"{' (dequantized 4-bit base)' if delta.meta.get('quant') else ''} -> {args.out}; {memory_text(mem)}")
+         merged_text(args.out, model.name_or_path, delta.mask.num_trainable, bool(delta.meta.get("quant")), unchanged)
+         + f"; {memory_text(mem)}")
+
+
+def merged_text(out: str, base: str, trained: int, quant: bool, unchanged: bool) -> str:
+    """The written folder first, then what it holds: "merged N weights into BASE -> OUT" read as if BASE
+    itself had been written to."""
+    deq = ", 4-bit base dequantized" if quant else ""
+    if unchanged:
+        return f"wrote {out}: a copy of {base}{deq} (the delta equals the base: nothing was learned)"
+    return f"wrote {out}: {base} + {trained} trained weights{deq} (the base itself is unchanged)"
