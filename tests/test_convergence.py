@@ -208,6 +208,13 @@ def test_merge_says_when_the_delta_is_the_base(env, capsys, caplog):
     assert main(["merge", "--delta", str(run), "--out", str(env["root"] / "noop-merged-2")]) == 0
     said = capsys.readouterr().out
     assert said.startswith(f"wrote {env['root'] / 'noop-merged-2'}: a copy of ") and "nothing was learned" in said
+    # replay of a run that kept step 0: both step counts, and why the delta is the base
+    assert main(["replay", str(run), "--out", str(env["root"] / "noop-replayed.safetensors")]) == 0
+    said = capsys.readouterr().out
+    assert "replayed 0 of 10 recorded steps" in said and "delta equals the base" in said, said
+    assert main(["replay", str(run), "--out", str(env["root"] / "noop-replayed-2.safetensors"), "--json"]) == 0
+    assert {k: v for k, v in json.loads(capsys.readouterr().out).items() if "steps" in k} == {"steps": 0,
+                                                                                             "recorded_steps": 10}
     if not (env["root"] / "hizoo").exists():
         assert main(_train(env, env["root"] / "hizoo")) == 0
     capsys.readouterr()

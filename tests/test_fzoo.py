@@ -89,7 +89,7 @@ def test_fzoo_run_replays_byte_for_byte_with_a_format_1_trajectory(env, capsys):
     assert any(g != traj.grads[0][0] for g in traj.grads[0])
     out = env["root"] / "fzoo-replayed.safetensors"
     assert main(["replay", str(run), "--out", str(out)]) == 0
-    assert "replayed 20 steps" in capsys.readouterr().out
+    assert "replayed all 20 recorded steps" in capsys.readouterr().out
     assert out.read_bytes() == (run / "delta.safetensors").read_bytes()
 
 

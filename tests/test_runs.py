@@ -127,7 +127,7 @@ def test_replay_rebuilds_the_delta_byte_for_byte(env, capsys):
     info = json.loads(capsys.readouterr().out)
     assert out.read_bytes() == (run / "delta.safetensors").read_bytes()
     config = json.loads((run / "config.json").read_text())
-    assert info["steps"] == config["results"]["best_step"]
+    assert info["steps"] == config["results"]["best_step"] and info["recorded_steps"] == 30
     traj = Trajectory.load(run / "trajectory.safetensors")
     assert len(traj) == 30 and len(traj.seeds[0]) == 2
     assert (run / "trajectory.safetensors").stat().st_size < (run / "delta.safetensors").stat().st_size
