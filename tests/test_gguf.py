@@ -4,7 +4,10 @@ transformers' own GGUF loader as the independent reader; llama.cpp itself: bench
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -229,6 +232,22 @@ def test_export_gguf_from_a_hf_base_and_back(tmp_path, monkeypatch, model_type):
         assert type(again).__name__ == {"mistral": "LlamaForCausalLM"}.get(model_type, type(loaded).__name__)
         for name, t in loaded.state_dict().items():
             assert torch.equal(again.state_dict()[name], t.to(torch.bfloat16).float()), name
+
+
+def test_export_gguf_shows_a_progress_bar_and_none_of_the_gguf_library_chatter(run, tmp_path):
+    """A separate process, logging set up as a user's shell gets it: stdout is export's one result line,
+    stderr its progress bar over the bytes written, and none of the gguf library's own INFO lines ("gguf: This GGUF
+    file is for Little Endian only", "Writing the following files:", the temporary file's path)."""
+    out = tmp_path / "quiet.gguf"
+    env = dict(os.environ, SPARSEZO_HOME=str(run["root"] / "home"))
+    proc = subprocess.run([sys.executable, "-m", "sparsezo", "export", "--format", "gguf", "--delta", str(run["run"]),
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [proc.stdout.strip()] and proc.stdout.startswith("GGUF (f16): ")
+    assert proc.stdout.strip().endswith(f"-> {out}") and out.is_file()
+    for chatter in ("gguf:", "Endian", "Writing the following files", "n_tensors", ".quiet.gguf."):
+        assert chatter not in proc.stderr, proc.stderr
+    assert re.search(r"(?:^|[\r\n])export: +\d+%\|.*/[\d.]+k? \[.*B/s\]", proc.stderr), proc.stderr  # bytes, with a rate
 
 
 def test_export_refuses_what_it_cannot_write(run, tmp_path, capsys):

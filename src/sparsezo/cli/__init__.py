@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "dtype", None) == AUTO:
         args.dtype = resolve_dtype(args.dtype, args.device)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    # the gguf library logs at INFO what is no news to a user (its endianness, its write plan naming our temporary
+    # file): at the root's INFO it would print between sparsezo's lines; its warnings and errors still show
+    logging.getLogger("gguf").setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging  # after the line above: read when its logging starts
 

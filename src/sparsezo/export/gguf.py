@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..errors import SparseZOError
 from ..io import atomic_path, write_text
@@ -260,18 +261,24 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, delta=None,
         _add_architecture_metadata(writer, config)
         if meta is None:
             _add_hf_tokenizer(writer, tokenizer)
-        types = {}
+        types, data_bytes = {}, 0
         for name, shape in plan:
             qtype = types[name] = _tensor_type(name, tuple(shape), kind)
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
             writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=qtype)
+            data_bytes += nbytes
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for name, w in _gguf_tensors(model, delta):
-            writer.write_tensor_data(_encode(w, types[name]))
+        # bytes, not tensors: the embedding alone can be a quarter of the file
+        with tqdm(total=data_bytes, desc="export", unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                  dynamic_ncols=True) as bar:
+            for name, w in _gguf_tensors(model, delta):
+                data = _encode(w, types[name])
+                writer.write_tensor_data(data)
+                bar.update(data.nbytes)
         writer.close()
     return {"out": str(out), "type": kind, "bytes": Path(out).stat().st_size, "tensors": len(plan),
             "tensor_types": counts, "tokenizer": "copied from the base's GGUF" if meta is not None else "Hugging Face BPE",
