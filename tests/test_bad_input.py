@@ -381,7 +381,15 @@ CASES = [
     Case("eval-seed-negative", lambda e, t: evaluate(e, "--seed", "-3"), "--seed must be in 0"),
     Case("eval-device-banana", lambda e, t: evaluate(e, "--device", "banana"), "--device 'banana'"),
     # --- output paths
-    Case("out-is-a-file", lambda e, t: (t / "out").write_text("x") and train(e, t), "already exists"),
+    Case("out-is-a-file", lambda e, t: (t / "out").write_text("x") and train(e, t),
+         "^(?!.*--resume).*already exists; choose another --out or remove it"),
+    # an existing --out: --resume is offered only for what it can continue
+    Case("out-is-a-finished-run", lambda e, t: (shutil.copytree(e["done"], t / "out"), train(e, t))[1],
+         "^(?!.*--resume).*holds a finished run; use it \\(sparsezo eval --delta .*out, merge, export\\)"),
+    Case("out-is-an-unfinished-run", lambda e, t: (shutil.copytree(e["partial"], t / "out"), train(e, t))[1],
+         "holds an unfinished run; continue it with sparsezo train --resume .*out"),
+    Case("out-is-a-model-folder", lambda e, t: (shutil.copytree(e["model"], t / "out"), train(e, t))[1],
+         "^(?!.*--resume).*already exists; choose another --out or remove it"),
     Case("out-under-a-file", lambda e, t: (t / "f").write_text("x") and
          train(e, t)[:-1] + [str(t / "f" / "run")], "is a file, not a folder"),
     Case("out-name-too-long", lambda e, t: train(e, t)[:-1] + [str(t / ("x" * 250))], "longer than this filesystem"),
@@ -523,6 +531,8 @@ CASES = [
     Case("resume-a-model-folder", lambda e, t: ["train", "--resume", e["model"]], "not a sparsezo run directory"),
     Case("second-writer-same-out", lambda e, t: (_held_lock(t / "out"), train(e, t))[1], "is in use by pid"),
     Case("resume-not-a-run", lambda e, t: ["train", "--resume", str(t)], "no config.json"),
+    Case("resume-a-finished-run", lambda e, t: ["train", "--resume", str(copy_run(e, t))],
+         "already complete .*; use it \\(sparsezo eval --delta .*run, merge, export\\)"),
     Case("info-config-not-json", lambda e, t: (_write(copy_run(e, t) / "config.json", "[1,"), ["info", str(t / "run")])[1],
          "not valid JSON"),
     Case("info-config-list", lambda e, t: (edit_config(copy_run(e, t), lambda c: [1]), ["info", str(t / "run")])[1],

@@ -97,8 +97,9 @@ def test_resume_refuses_other_flags_and_finished_runs(env, capsys):
     assert "drop --lr" in capsys.readouterr().err
     assert main(["train", "--resume", str(out)]) == 2
     assert "already complete" in capsys.readouterr().err
-    assert main(_train(env, out, steps=4)) == 2
-    assert "--resume" in capsys.readouterr().err
+    assert main(_train(env, out, steps=4)) == 2  # a finished run's --out: use it, not --resume it
+    err = capsys.readouterr().err
+    assert f"sparsezo eval --delta {out}" in err and "--resume" not in err
 
 
 def test_resume_reads_a_config_written_when_fused_pm_was_a_switch(env, capsys):

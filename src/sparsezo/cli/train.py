@@ -169,8 +169,7 @@ def prepare_out(args: argparse.Namespace, cfg: TrainConfig, held: contextlib.Exi
     out = run_dir(args)
     if not args.resume:
         if out.exists():
-            raise SparseZOError(f"output directory {out} already exists; choose another --out, remove it, "
-                                f"or continue it with --resume {out}")
+            raise SparseZOError(taken_out(out))
         check_writable(out, run_size(args, cfg))  # now, not after the model has loaded
         held.callback(RunLock(out).acquire("write").release)
         if out.exists():  # another process created it while we were checking
@@ -178,6 +177,18 @@ def prepare_out(args: argparse.Namespace, cfg: TrainConfig, held: contextlib.Exi
     else:
         check_writable(out / "delta.safetensors", run_size(args, cfg))
     return out
+
+
+def taken_out(out: Path) -> str:
+    """Why an existing --out is refused, with what to do with what it holds: only an unfinished run can be
+    continued (--resume on a finished one answers that it is complete; on other folders, that it is no run)."""
+    if (out / "delta.safetensors").is_file():
+        return (f"output directory {out} holds a finished run; use it (sparsezo eval --delta {out}, merge, export) "
+                "or choose another --out for a new run")
+    if checkpoint_dirs(out) or ((out / "config.json").is_file() and (out / "mask.safetensors").is_file()):
+        return (f"output directory {out} holds an unfinished run; continue it with sparsezo train --resume {out}, "
+                "or choose another --out")
+    return f"output directory {out} already exists; choose another --out or remove it"
 
 
 def train(args: argparse.Namespace, dist: DistContext | None, held: contextlib.ExitStack) -> None:

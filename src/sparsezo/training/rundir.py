@@ -97,7 +97,8 @@ def resume_settings(run: Path, defaults: dict[str, Any]) -> dict[str, Any]:
         raise SparseZOError(f"--resume {run}: not a sparsezo run directory (its config.json records no run "
                             "settings: a model folder?); pass the --out folder of an interrupted train run")
     if (run / "delta.safetensors").exists():
-        raise SparseZOError(f"--resume {run}: the run is already complete (delta.safetensors exists)")
+        raise SparseZOError(f"--resume {run}: the run is already complete (delta.safetensors exists); use it "
+                            f"(sparsezo eval --delta {run}, merge, export) or start a new run with another --out")
     if not (run / "mask.safetensors").is_file():
         raise SparseZOError(f"--resume {run}: its mask.safetensors is missing; the run can only continue on the "
                             "mask it was trained with: restore the file, or start a new run")
