@@ -32,19 +32,22 @@ def register(sub) -> None:
     p = add_command(sub, "demo", "zero-shot -> sensitive sparse ZO fine-tune -> test, on SST-2 and the default model "
                                  "(the recipe of sparsezo.DEMO: train's, with 400 steps, 200 dev "
                                  "examples, 8192 calibration tokens and the fixed lr 1e-4 for --lr auto)")
-    add_model_args(p, dtype=AUTO)
-    p.add_argument("--steps", type=int, default=DEMO.steps, help="ZO steps (train's default: 1000)")
-    p.add_argument("--lr", type=lr_value, default=DEMO.lr, help=LR_HELP)
-    p.add_argument("--eps", type=float, default=DEMO.eps, help="perturbation scale")
-    p.add_argument("--density", type=float, default=DEMO.density, help="fraction of eligible weights trained")
-    p.add_argument("--eval-every", type=int, default=DEMO.eval_every, help="steps between dev evaluations")
-    p.add_argument("--num-dev", type=int, default=DEMO.num_dev,
-                   help="dev examples for model selection (train's default: 500)")
-    p.add_argument("--calib-tokens", type=int, default=DEMO.calib_tokens,
-                   help="WikiText-2 tokens for the Fisher scores (train's default: 32768)")
-    p.add_argument("--seed", type=int, default=DEMO.seed, help="seeds data sampling and the ZO noise")
-    p.add_argument("--out", default=None,
-                   help="also save the run (mask, trajectory, delta, config, metrics) in this folder (default: none)")
+    model, recipe, output = (p.add_argument_group(t) for t in ("model", "recipe (a few of sparsezo.DEMO's knobs)",
+                                                                 "output"))
+    add_model_args(model, dtype=AUTO, output=output)
+    recipe.add_argument("--steps", type=int, default=DEMO.steps, help="ZO steps (train's default: 1000)")
+    recipe.add_argument("--lr", type=lr_value, default=DEMO.lr, help=LR_HELP)
+    recipe.add_argument("--eps", type=float, default=DEMO.eps, help="perturbation scale")
+    recipe.add_argument("--density", type=float, default=DEMO.density, help="fraction of eligible weights trained")
+    recipe.add_argument("--eval-every", type=int, default=DEMO.eval_every, help="steps between dev evaluations")
+    recipe.add_argument("--num-dev", type=int, default=DEMO.num_dev,
+                        help="dev examples for model selection (train's default: 500)")
+    recipe.add_argument("--calib-tokens", type=int, default=DEMO.calib_tokens,
+                        help="WikiText-2 tokens for the Fisher scores (train's default: 32768)")
+    recipe.add_argument("--seed", type=int, default=DEMO.seed, help="seeds data sampling and the ZO noise")
+    output.add_argument("--out", default=None,
+                        help="also save the run (mask, trajectory, delta, config, metrics) in this folder "
+                             "(default: none)")
     p.set_defaults(func=run)
 
 

@@ -15,15 +15,15 @@ from ..quant.layers import is_quantized_folder
 from ..resources import memory_report
 from .common import (calibration, check_common, emit, mask_source, memory_text, model_and_mask, refuse_existing,
                      train_split)
-from .options import Options, add_command, add_json_arg, add_mask_args, add_model_args, add_task_args
+from .options import add_command, add_json_arg, add_mask_command_args
 
 
 def register(sub) -> None:
     pm = add_command(sub, "mask", "compute and inspect masks").add_subparsers(dest="mask_command", required=True,
                                                                              metavar="SUBCOMMAND")
     p = add_command(pm, "compute", "compute a mask file (prints time, peak memory, Fisher mass)")
-    add_grouped_args(p, quant=True, selection=True).add_argument("--out", required=True,
-                                                                 help="output mask.safetensors")
+    add_mask_command_args(p, quant=True, selection=True)[1].add_argument("--out", required=True,
+                                                                         help="output mask.safetensors")
     p.set_defaults(func=run_compute)
     p = add_command(pm, "info", "per-layer and per-module density of a mask file")
     p.add_argument("file", help="mask.safetensors")
@@ -36,18 +36,9 @@ def register(sub) -> None:
     add_json_arg(p)
     p.set_defaults(func=run_compare)
     p = add_command(pm, "mass", "share of the total Fisher score held by the top d of weights")
-    add_grouped_args(p, quant=False, selection=False)
+    add_mask_command_args(p, quant=False, selection=False)
     p.set_defaults(func=run_mass)
 
-
-def add_grouped_args(p: argparse.ArgumentParser, quant: bool, selection: bool) -> Options:
-    """mask compute/mass options under the headings model, mask, task, output (as train's --help files
-    them); returns the output group, for the command's own output options."""
-    model, masks = p.add_argument_group("model"), p.add_argument_group("mask")
-    add_mask_args(masks, selection=selection), add_task_args(p, kind="mask")
-    output = p.add_argument_group("output")
-    add_model_args(model, quant=quant, output=output)
-    return output
 
 
 def run_compute(args: argparse.Namespace) -> None:

@@ -178,6 +178,16 @@ def add_mask_args(p: Options, selection: bool = True) -> None:
                         "tensors")
 
 
+
+def add_mask_command_args(p: argparse.ArgumentParser, quant: bool, selection: bool) -> tuple[Options, Options]:
+    """mask compute/mass and quantize: model, mask and task options under the headings model, mask, task and
+    output, as train's --help files them; returns the model and output groups for the command's own options."""
+    model, masks = p.add_argument_group("model"), p.add_argument_group("mask")
+    add_mask_args(masks, selection=selection), add_task_args(p, kind="mask")
+    output = p.add_argument_group("output")
+    add_model_args(model, quant=quant, output=output)
+    return model, output
+
 def add_scope_arg(p: Options) -> None:
     p.add_argument("--scope", default="global", choices=["global", "per-tensor"],
                    help="top-k over all eligible tensors at once, or the same fraction of each tensor")

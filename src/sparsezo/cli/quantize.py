@@ -16,16 +16,17 @@ from ..quant.convert import quantize_folder, save_quantized, weight_bytes
 from ..quant.layers import is_quantized_folder
 from ..resources import memory_report
 from .common import check_common, emit, memory_text, model_and_mask, refuse_existing, train_split
-from .options import add_command, add_mask_args, add_model_args, add_task_args
+from .options import add_command, add_mask_command_args
 
 
 def register(sub) -> None:
     p = add_command(sub, "quantize", "save a 4-bit (NF4 or int4) base whose mask entries stay exact (reload with "
                                      "--model DIR)")
-    add_model_args(p, quant=False), add_mask_args(p), add_task_args(p, kind="mask")
-    p.add_argument("--quant", default="nf4", choices=list(QUANT_TYPES),
-                   help="4-bit format: nf4 (bitsandbytes) or int4 (PyTorch's int4 kernels, fast on CPU) (default: nf4)")
-    p.add_argument("--out", required=True, help="output folder")
+    model, output = add_mask_command_args(p, quant=False, selection=True)
+    model.add_argument("--quant", default="nf4", choices=list(QUANT_TYPES),
+                       help="4-bit format: nf4 (bitsandbytes) or int4 (PyTorch's int4 kernels, fast on CPU) "
+                            "(default: nf4)")
+    output.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
 
 
