@@ -1,8 +1,9 @@
 """The option groups several commands share (model, task, mask, ZO), and the help formatter.
 
 Each ``add_*_args`` helper adds into ``p``, a parser or one of its argument groups (:data:`Options`), so a
-command with many options (``train``) can file them under headed groups in its --help while the
-others keep one flat list; where a helper's options belong in two places, a keyword names the second.
+command with many options (``train``: 45) can file them under headings in its --help (model, data, mask,
+optimisation, output, advanced) while others keep one flat list; where a helper's options belong under
+two headings, a keyword names the second.
 
 Every list of allowed values comes from its registry: ``--quant`` from :data:`QUANT_TYPES`,
 ``--optimizer`` from :data:`OPTIMIZERS`, ``--dtype`` from :data:`DTYPES`, ``--task`` from
@@ -178,7 +179,6 @@ def add_mask_args(p: Options, selection: bool = True) -> None:
                         "tensors")
 
 
-
 def add_mask_command_args(p: argparse.ArgumentParser, quant: bool, selection: bool) -> tuple[Options, Options]:
     """mask compute/mass and quantize: model, mask and task options under the headings model, mask, task and
     output, as train's --help files them; returns the model and output groups for the command's own options."""
@@ -187,6 +187,7 @@ def add_mask_command_args(p: argparse.ArgumentParser, quant: bool, selection: bo
     output = p.add_argument_group("output")
     add_model_args(model, quant=quant, output=output)
     return model, output
+
 
 def add_scope_arg(p: Options) -> None:
     p.add_argument("--scope", default="global", choices=["global", "per-tensor"],
