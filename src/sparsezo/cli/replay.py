@@ -46,17 +46,17 @@ def run(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t0
     delta.save(out)
     steps = traj.meta.get("best_step", len(traj))  # the steps whose updates θ holds (the selected one)
-    emit(args, {"out": str(out), "steps": steps, "recorded_steps": len(traj),
-                "seconds": round(seconds, 3), "trajectory_bytes": traj_path.stat().st_size},
-         f"{replayed_text(steps, len(traj))} of {traj_path} in {seconds:.2f}s -> {out}")
+    emit(args, {"out": str(out), "steps": steps, "recorded_steps": len(traj), "seconds": round(seconds, 3),
+                "trajectory_bytes": traj_path.stat().st_size},
+         replayed_text(steps, len(traj), f"of {traj_path} in {seconds:.2f}s -> {out}"))
 
 
-def replayed_text(steps: int, recorded: int) -> str:
+def replayed_text(steps: int, recorded: int, where: str) -> str:
     """How much of the trajectory the delta holds. A run keeps the θ of its best dev evaluation, so "replayed
     0 steps" beside `info`'s 20 steps reads as a broken replay unless it says which step θ is and why."""
     if steps == recorded:
-        return f"replayed all {recorded} recorded steps"
+        return f"replayed all {recorded} recorded steps {where}"
     if steps == 0:
-        return (f"replayed 0 of {recorded} recorded steps: the run's best dev evaluation was at step 0, so the "
-                "delta equals the base (nothing was learned)")
-    return f"replayed {steps} of {recorded} recorded steps (θ of step {steps}, the run's best dev evaluation)"
+        return (f"replayed 0 of {recorded} recorded steps {where}; the run's best dev evaluation was at step 0, "
+                "so the delta equals the base (nothing was learned)")
+    return f"replayed {steps} of {recorded} recorded steps {where} (θ of step {steps}, the run's best dev evaluation)"
