@@ -77,7 +77,7 @@ def test_train_help_files_every_option_under_a_heading(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("usage: sparsezo train [-h] [OPTIONS]") and lines[1] == ""
+    assert lines[0].startswith("usage: sparsezo train [-h] [OPTION ...]") and lines[1] == ""
     assert [t + ":" for t in GROUPS] == [line for line in lines if line.rstrip(":") in GROUPS]
     lr = next(i for i, line in enumerate(lines) if line.lstrip().startswith("--lr LR"))
     assert len(list(takewhile(lambda line: line.startswith(" " * 10), lines[lr + 1:]))) <= 3

@@ -75,7 +75,7 @@ def register(sub) -> None:
     p = add_command(sub, "train", "ZO fine-tune on a task; writes delta.safetensors, config.json, metrics.jsonl")
     p.description += (". Defaults are the recipe sparsezo.TRAIN; sparsezo demo runs the same recipe "
                       "shortened (400 steps, 200 dev examples, 8192 calibration tokens)")
-    p.usage = "%(prog)s [-h] [OPTIONS]  (every option is optional: by group below)"  # not 27 lines of flags
+    p.usage = "%(prog)s [-h] [OPTION ...]  (all optional, listed by heading below)"  # not 27 lines of flags
     add_train_args(p)
     p.set_defaults(func=run)
 
