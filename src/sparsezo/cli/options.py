@@ -214,7 +214,8 @@ def add_zo_args(p: Options, advanced: Options | None = None) -> None:
     --fused-pm, --eval-batch-size: numerics and speed, not what is learned; default ``p``)."""
     a = p if advanced is None else advanced
     p.add_argument("--steps", type=int, default=TRAIN.steps, help="ZO steps (each: two forward passes per query)")
-    p.add_argument("--lr", type=lr_value, default=TRAIN.lr, help=LR_HELP)
+    p.add_argument("--lr", type=lr_value, default=TRAIN.lr,  # None is auto: say so, not "default: none"
+                   help=LR_HELP + (" (default: auto)" if TRAIN.lr is None else ""))
     p.add_argument("--eps", type=float, default=TRAIN.eps,
                    help="perturbation scale (>= 1e-2 survives bf16 rounding)")
     p.add_argument("--batch-size", type=int, default=TRAIN.batch_size, help="training examples per step")
