@@ -205,6 +205,9 @@ def test_info_reports_file_sizes(env, capsys):
         assert info[f"{k}_bytes"] == (Path(run) / f"{k}.safetensors").stat().st_size
     n_params = sum(p.numel() for p in tiny_model().parameters())
     assert info["full_model_bytes"] == 4 * n_params  # float32 run
+    assert main(["info", str(run)]) == 0  # the step the delta was taken at, as replay reports it
+    best = json.loads((run / "config.json").read_text())["results"]["best_step"]
+    assert f"4 steps, the delta is θ at step {best} (best dev" in capsys.readouterr().out.splitlines()[0]
     assert main(["info", str(env["root"])]) == 2
 
 

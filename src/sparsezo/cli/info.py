@@ -49,7 +49,10 @@ def run(args: argparse.Namespace) -> None:
     obj = {"run_dir": str(run_dir), "task": config.get("task"), "mask_rule": config.get("mask_rule"), "dtype": dtype,
            "steps": train_cfg.get("steps"), "results": config.get("results"), **sizes,
            "complete": (run_dir / "delta.safetensors").is_file()}
-    lines = [f"{run_dir}: {obj['task']}, {obj['mask_rule']} mask, {obj['steps']} steps"
+    best = (obj["results"] or {}).get("best_step")  # replay rebuilds up to it: say so beside the step count
+    kept = (f", the delta is θ at step {best} (best dev{': the base, nothing learned' if best == 0 else ''})"
+            if obj["complete"] and isinstance(best, int) else "")
+    lines = [f"{run_dir}: {obj['task']}, {obj['mask_rule']} mask, {obj['steps']} steps{kept}"
              f"{'' if obj['complete'] else ' (incomplete: resume with sparsezo train --resume ' + str(run_dir) + ')'}"]
     lines += [f"  {k[:-6]:>11}: {human(v):>10}  ({v} bytes)" for k, v in sizes.items()]
     emit(args, obj, "\n".join(lines))
