@@ -85,7 +85,7 @@ def test_train_help_files_every_option_under_a_heading(capsys, monkeypatch):
         main(["eval", "--help"])
     out = capsys.readouterr().out
     assert "user task (--task custom):" in out and "\nmodel:" not in out and "--json" in out
-    for cmd in ("demo", "quantize", "mask compute", "mask mass"):  # grouped the same way: model ... output
+    for cmd in ("demo", "quantize", "bench", "mask compute", "mask mass"):  # grouped the same way: model ... output
         titles = [g.title for g in COMMANDS[cmd]._action_groups if g._group_actions]
         assert "model" in titles and titles[-1] == "output", (cmd, titles)
         loose = {o for g in COMMANDS[cmd]._action_groups if g.title == "options" for a in g._group_actions

@@ -16,23 +16,25 @@ BASES = ("bf16", *QUANT_TYPES)  # --compare: the unquantized base and each 4-bit
 
 def register(sub) -> None:
     p = add_command(sub, "bench", "time a ZO step against two forward passes (JSON with --json)")
-    add_model_args(p)
-    p.add_argument("--mask", default="random", help="a mask file or a rule that needs no data (random, magnitude-*, full)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the random mask, the batch and the noise")
-    p.add_argument("--density", type=float, default=1e-3, help="fraction of eligible weights in the mask")
-    add_scope_arg(p)
+    model, mask, work, output = (p.add_argument_group(t) for t in ("model", "mask", "measurement", "output"))
+    add_model_args(model, output=output)
+    mask.add_argument("--mask", default="random",
+                      help="a mask file or a rule that needs no data (random, magnitude-*, full)")
+    mask.add_argument("--seed", type=int, default=0, help="seeds the random mask, the batch and the noise")
+    mask.add_argument("--density", type=float, default=1e-3, help="fraction of eligible weights in the mask")
+    add_scope_arg(mask)
     p.set_defaults(task=None, calib=None, calib_tokens=32768, calib_seq_len=256, include=None, exclude=None)
-    p.add_argument("--batch", type=int, default=16, help="rows of the synthetic batch")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per row of the synthetic batch")
-    p.add_argument("--steps", type=int, default=10, help="measured steps (medians are reported)")
-    p.add_argument("--eps", type=float, default=1e-2, help="perturbation scale")
-    add_dist_arg(p, "distribution of z")
-    p.add_argument("--baseline", default=None, choices=["mezo"],
-                   help="also time MeZO's per-tensor loop, side by side (default: none)")
-    p.add_argument("--compare", default=None, metavar="BASES",
-                   help=f"comma-separated bases among {','.join(sorted(BASES))}: for each in turn (one loaded at a "
-                        "time), the forward, the unfused step and the fused ±ε step (--fused-pm), interleaved; --quant "
-                        "is ignored (default: a single sparsezo step vs two forwards)")
+    work.add_argument("--batch", type=int, default=16, help="rows of the synthetic batch")
+    work.add_argument("--seq-len", type=int, default=256, help="tokens per row of the synthetic batch")
+    work.add_argument("--steps", type=int, default=10, help="measured steps (medians are reported)")
+    work.add_argument("--eps", type=float, default=1e-2, help="perturbation scale")
+    add_dist_arg(work, "distribution of z")
+    work.add_argument("--baseline", default=None, choices=["mezo"],
+                      help="also time MeZO's per-tensor loop, side by side (default: none)")
+    work.add_argument("--compare", default=None, metavar="BASES",
+                      help=f"comma-separated bases among {','.join(sorted(BASES))}: for each in turn (one loaded at "
+                           "a time), the forward, the unfused step and the fused ±ε step (--fused-pm), interleaved; "
+                           "--quant is ignored (default: a single sparsezo step vs two forwards)")
     p.set_defaults(func=run)
 
 
