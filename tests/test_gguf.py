@@ -275,7 +275,7 @@ def test_tensorboard_logs_loss_grad_lr_and_dev(tiny, run, tmp_path, monkeypatch)
     assert main([*args, "--out", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    assert sorted(events.Tags()["scalars"]) == ["dev/accuracy", "train/loss", "train/lr", "train/projected_grad"]
+    assert sorted(events.Tags()["scalars"]) == ["dev/accuracy", "dev/loss", "train/loss", "train/lr", "train/projected_grad"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)

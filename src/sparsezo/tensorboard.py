@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import SparseZOError
 
-_SKIP = ("step", "seed")
+_SKIP = ("step", "seed", "dev_loss_se")  # the seeds are not scalars; the dev loss's standard error is not a curve
 
 
 def require_tensorboard() -> None:
