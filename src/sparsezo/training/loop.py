@@ -89,8 +89,8 @@ def fine_tune(
     With ``cfg.lr_auto`` the lr is first chosen by :func:`probe_lr` (its report is the first
     metrics row, so a resumed run reuses it instead of probing again). ``cfg`` is never changed:
     the result's ``zo`` holds the settings the run trained with (the chosen lr included). The
-    result says whether anything was learned (``improved``, see :func:`improvement`); when not,
-    a warning says what to try.
+    result says whether anything was learned (``improved``, see :mod:`sparsezo.training.outcome`:
+    at the metric's ceiling the dev loss decides); when not, a warning says what to try.
     """
     cfg.validate()
     if not train or not dev:
