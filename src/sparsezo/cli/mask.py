@@ -40,7 +40,6 @@ def register(sub) -> None:
     p.set_defaults(func=run_mass)
 
 
-
 def run_compute(args: argparse.Namespace) -> None:
     check_common(args)
     refuse_existing(args.out)

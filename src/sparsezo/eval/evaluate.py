@@ -40,9 +40,9 @@ def evaluate(model: nn.Module, tokenizer, task: Task | None, examples: list[Exam
         scores = candidate_scores(model, tokenizer, examples, batch_size, progress=progress)
         gold = [e.gold for e in examples]
         acc = accuracy(scores.argmax(1).tolist(), gold)
-        loss, per = dev_loss(scores, gold)
+        loss, loss_se = dev_loss(scores, gold)
         return {"metric": "accuracy", "value": acc, "n": len(examples), "accuracy": acc, "loss": loss,
-                "loss_se": per.std().item() / len(examples) ** 0.5 if len(examples) > 1 else 0.0}
+                "loss_se": loss_se}
     if any(not e.answers for e in examples):
         raise SparseZOError(f"task {task.name}: generation examples need gold 'answers'")
     answers = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size, progress=progress)

@@ -273,12 +273,12 @@ def predict(model: nn.Module, tokenizer, examples: list[Example], batch_size: in
     return candidate_scores(model, tokenizer, examples, batch_size, mean, progress, bucketed).argmax(1)
 
 
-def dev_loss(scores: torch.Tensor, gold: list[int]) -> tuple[float, torch.Tensor]:
-    """(mean, per-example) cross-entropy over the candidates of :func:`candidate_scores`: the ``ce``
-    training loss on a split, free once the split is scored. Dev selection breaks accuracy ties on
-    it, and it still shows learning where accuracy cannot (a split already at 100%)."""
+def dev_loss(scores: torch.Tensor, gold: list[int]) -> tuple[float, float]:
+    """(mean, standard error) of the cross-entropy over the candidates of :func:`candidate_scores`: the
+    ``ce`` training loss on a split, free once the split is scored. Dev selection breaks accuracy ties
+    on it at the ceiling, where it still shows learning that accuracy cannot (a split already at 100%)."""
     per = F.cross_entropy(scores, torch.tensor(gold), reduction="none")
-    return per.mean().item(), per
+    return per.mean().item(), per.std().item() / len(gold) ** 0.5 if len(gold) > 1 else 0.0
 
 
 def accuracy(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 32, mean: bool = False,

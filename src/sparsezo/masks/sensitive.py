@@ -41,11 +41,11 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ..errors import SparseZOError
+from ..hints import setting
 from ..resources import available_memory_bytes, gib
 from .base import MaskContext
 from .quantized import QuantWeight, recomputing
 from .topk import TopK
-from ..hints import setting
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..errors import SparseZOError
 from ..eval.scoring import encode, micro_batch_loss, micro_batches
+from ..hints import setting
 from ..tasks import Example
 from ..zo import TrainableParams, ZOEngine, sgd
 from ..zo.fused import FusedPM, PMLoss
@@ -18,7 +19,6 @@ from ..zo.noise import step_seed
 from ..zo.registry import OPTIMIZERS, forwards_per_step
 from .batches import batch_indices
 from .config import TrainConfig
-from ..hints import setting
 
 _log = logging.getLogger("sparsezo")
 PROBE_SHARE = 0.1  # --lr auto spends at most this share of the run's training forwards
@@ -53,8 +53,8 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
     short to try them, the grid's centre (:func:`grid_centre`).
 
     The candidates of sgd and momentum are centred on E[g²] measured first at θ₀
-    (``projected_g2``, 2·PROBE_G2_QUERIES forwards, fewer where the cap needs it): their best lr moves with it by decades
-    between masks and models, which no fixed or |θ|-scaled grid of five points covers.
+    (``projected_g2``, 2·PROBE_G2_QUERIES forwards, fewer where the cap needs it): their best lr
+    moves with it by decades between masks and models, which no fixed or |θ|-scaled grid of five points covers.
 
     Why the dev *loss* (cfg.loss over the first PROBE_DEV dev examples) and not accuracy: a few
     dozen steps move accuracy by less than its noise, the loss moves measurably. Every candidate
@@ -76,8 +76,6 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
     g2_queries = g2_queries if g2_queries >= 2 else 0
     g2_forwards = 2 * g2_queries
     sub = dev[:PROBE_DEV]
-    device = params.theta.device
-    batches = micro_batches(encode(tokenizer, sub), tokenizer.pad_token_id, device, cfg.bucket)
     # one dev-loss measurement in the unit the run's forwards are counted in (a forward over a training
     # batch: both are split into length-bucketed micro-batches alike), i.e. dev examples / batch size
     eval_cost = -(-len(sub) // cfg.batch_size)
@@ -98,6 +96,8 @@ def probe_lr(model, tokenizer, params: TrainableParams, encoded: list, dev: list
                   g2, g2_forwards)
         return {"lr": chosen, "choice": "short-run", "probe_best_lr": None, "dev_loss": [], "start_dev_loss": None,
                 "steps_each": 0, "forwards": g2_forwards, **report}
+    device = params.theta.device
+    batches = micro_batches(encode(tokenizer, sub), tokenizer.pad_token_id, device, cfg.bucket)
 
     def dev_loss() -> float | None:
         value = micro_batch_loss(model, batches, cfg.loss)
