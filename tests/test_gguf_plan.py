@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gguf_helpers import bpe_model, bpe_tokenizer
-from sparsezo.export.gguf_plan import KEEP_SHARE, keep_tensors, storage_plan
+from sparsezo.export.gguf_plan import KEEP_SHARE, MIXED, keep_tensors, storage_plan
 
 PROMPT = " the movie was good and the plot is fun"
 
@@ -59,7 +59,7 @@ def _concentrated_delta(model):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The same tiny fine-tune written as q4_0, q4_0+q8_0 and q8_0 (a Hugging Face base, BPE tokenizer)."""
+    """The same tiny fine-tune written as q4_0, q8_0 and each mixed type (a Hugging Face base, BPE tokenizer)."""
     from sparsezo.export.gguf import export_gguf
     from sparsezo.model.load import load_model
 
@@ -73,7 +73,7 @@ def exported(tmp_path_factory):
     model.save_pretrained(root / "hf"), tok.save_pretrained(root / "hf")
     base, tok = load_model(root / "hf", "float32")
     delta, heavy = _concentrated_delta(base)
-    info = {kind: export_gguf(base, tok, root / f"{kind}.gguf", delta, kind) for kind in ("q4_0", "q4_0+q8_0", "q8_0")}
+    info = {kind: export_gguf(base, tok, root / f"{kind}.gguf", delta, kind) for kind in ("q4_0", "q8_0", *MIXED)}
     yield {"root": root, "base": base, "tok": tok, "delta": delta, "heavy": heavy, "info": info}
     mp.undo()
 
@@ -84,22 +84,24 @@ def _file_types(path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
 
 
-def test_the_most_trained_tensors_and_the_output_layer_are_stored_at_8_bits(exported):
+@pytest.mark.parametrize("kind", list(MIXED))
+def test_the_most_trained_tensors_and_the_output_layer_are_stored_at_8_bits(exported, kind):
     from sparsezo.export.gguf import gguf_tensor_name
 
-    types = _file_types(exported["root"] / "q4_0+q8_0.gguf")
+    bulk = MIXED[kind][0]
+    types = _file_types(exported["root"] / f"{kind}.gguf")
     config = exported["base"].config
     heavy = {gguf_tensor_name(config, n) for n in exported["heavy"]}
     assert {types[n] for n in heavy} == {"Q8_0"} and types["token_embd.weight"] == "Q8_0"
     light = [n for n, t in types.items() if n.endswith(".weight") and n not in heavy | {"token_embd.weight"}
              and t != "F32"]
-    assert light and {types[n] for n in light} == {"Q4_0"}
-    info = exported["info"]["q4_0+q8_0"]
-    assert info["tensor_types"]["Q8_0"] >= 3 and info["tensor_types"]["Q4_0"] == len(light)
+    assert light and {types[n] for n in light} == {bulk}
+    info = exported["info"][kind]
+    assert info["tensor_types"]["Q8_0"] >= 3 and info["tensor_types"][bulk] == len(light)
     held = sum(exported["delta"].mask.indices[n].numel() for n in exported["heavy"])
     assert held / exported["delta"].mask.num_trainable >= KEEP_SHARE
     sizes = {k: v["bytes"] for k, v in exported["info"].items()}
-    assert sizes["q4_0"] < sizes["q4_0+q8_0"] < sizes["q8_0"]
+    assert sizes["q4_0"] < sizes[kind] < sizes["q8_0"]
 
 
 def _kept_share(exported, kind) -> float:
@@ -127,8 +129,8 @@ def test_the_mixed_file_keeps_the_fine_tune_where_q4_0_loses_it(exported):
     q4_0, and the logits sit closer to the merged model's."""
     from transformers import AutoModelForCausalLM
 
-    kept = {kind: _kept_share(exported, kind) for kind in ("q4_0", "q4_0+q8_0", "q8_0")}
-    assert kept["q4_0"] < 0.5 < 0.85 < kept["q4_0+q8_0"] <= kept["q8_0"], kept
+    kept = {kind: _kept_share(exported, kind) for kind in ("q4_0", "q8_0", *MIXED)}
+    assert kept["q4_0"] < 0.6 and all(0.85 < kept[kind] <= kept["q8_0"] for kind in MIXED), kept
     merged = exported["base"]
     applied = exported["delta"].apply(merged)
     ids = exported["tok"](PROMPT, return_tensors="pt").input_ids
@@ -136,9 +138,9 @@ def test_the_mixed_file_keeps_the_fine_tune_where_q4_0_loses_it(exported):
         want = merged(ids).logits
         err = {kind: float((AutoModelForCausalLM.from_pretrained(str(exported["root"]), gguf_file=f"{kind}.gguf",
                                                                  dtype=torch.float32)(ids).logits - want).abs().max())
-               for kind in ("q4_0", "q4_0+q8_0")}
+               for kind in ("q4_0", *MIXED)}
     applied.remove()
-    assert err["q4_0+q8_0"] < err["q4_0"]
+    assert all(err[kind] < err["q4_0"] for kind in MIXED), err
 
 
 def test_export_cli_writes_the_mixed_type(exported, capsys):

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # names its bulk type: most 2-D weights, with the tensors holding most trained entries at 8 bits
 TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
          "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9),
-         "q4_0+q8_0": ("Q4_0", 2)}
+         "q4_0+q8_0": ("Q4_0", 2), "q4_1+q8_0": ("Q4_1", 3)}
 # Hugging Face model_type → (llama.cpp architecture, whether llama.cpp permutes Q/K rows for its rope layout)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
                  "qwen3": ("qwen3", False)}

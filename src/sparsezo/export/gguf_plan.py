@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 KEEP_SHARE = 0.9  # share of the trained entries stored at the keep type
 # --type → (GGML type of most 2-D weights, GGML type of the tensors that keep the fine-tune)
-MIXED = {"q4_0+q8_0": ("Q4_0", "Q8_0")}
+MIXED = {"q4_0+q8_0": ("Q4_0", "Q8_0"), "q4_1+q8_0": ("Q4_1", "Q8_0")}
 OUTPUT = "output.weight"  # llama.cpp's name of the LM head
 EMBEDDING = "token_embd.weight"  # the LM head too when the model has no output.weight (tied)
 
