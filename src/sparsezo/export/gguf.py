@@ -259,7 +259,9 @@ def base_gguf_metadata(model: nn.Module) -> dict[str, dict[str, Any]] | None:
 def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, delta=None, kind: str = "f16") -> dict[str, Any]:
     """Write ``model`` + ``delta`` as the GGUF file ``out`` (atomically); returns sizes and counts.
 
-    ``kind`` is the storage type of the 2-D weights (``TYPES``); norms stay F32.
+    ``kind`` is the storage type of the 2-D weights (``TYPES``); a mixed kind (``q4_0+q8_0``, ``q4_1+q8_0``)
+    stores the tensors that hold most of the delta's trained entries, and the output layer, at 8 bits and the
+    rest at 4 (:mod:`~sparsezo.export.gguf_plan`); norms stay F32.
     """
     import gguf
 
