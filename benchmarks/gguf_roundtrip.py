@@ -1,12 +1,18 @@
 """GGUF round trip with the real consumers: a sparsezo fine-tune exported to GGUF, read by llama.cpp.
 
-    python benchmarks/gguf_roundtrip.py --run RUN [--types f16 q8_0 q4_0] [--out results/gguf_roundtrip.json]
+    python benchmarks/gguf_roundtrip.py --run RUN [--types f16 q8_0 q4_0 q4_0+q8_0 llama.cpp:Q4_K_M]
+        [--out results/gguf_roundtrip.json]
 
 RUN is a finished ``sparsezo train`` run on the default model (or any llama-family base that came
 from GGUF), e.g. ``sparsezo train --task sst2 --steps 50 --num-dev 50 --num-test 200``. For each
-``--type`` the script runs ``sparsezo export --format gguf`` and measures:
+``--types`` entry the script runs ``sparsezo export --format gguf --type TYPE`` (or, for
+``llama.cpp:FTYPE``, quantizes the f16 export with llama.cpp's own quantizer, as ``llama-quantize``
+would: the K-quants that gguf-py cannot write) and measures:
 
 - file size;
+- the share of trained entries whose value in the file differs from the base's value stored the
+  same way (per tensor type; read back through sparsezo's GGUF importer), and the stored change's
+  size relative to the trained change;
 - logits on fixed prompts of the exported file in llama.cpp (llama-cpp-python) and in transformers'
   ``gguf_file=`` loader against sparsezo's merged model (the run's base + delta in the run's dtype,
   computed in fp32): max |Δ| and max |Δ| / max |logit|;
@@ -45,8 +51,10 @@ from sparsezo.io import write_json
 from sparsezo.model.load import load_model
 from sparsezo.model.paths import DEFAULT_MODEL, fetch_default_gguf, sparsezo_home
 from sparsezo.eval.scoring import accuracy, encode, predict
+from sparsezo.export.gguf import export_gguf
 from sparsezo.tasks import get_task
 
+LLAMA_QUANTIZE = "llama.cpp:"  # a --types entry "llama.cpp:Q4_K_M": llama.cpp's quantizer on the f16 export
 PROMPTS = ["The movie was a delight from start to finish. It was",
            "Question: What is the capital of France?\nAnswer:",
            "def fibonacci(n):\n    if n < 2:\n        return n\n"]
@@ -92,36 +100,81 @@ def _version(package: str) -> str | None:
         return None
 
 
-def update_survival(model, base_model, delta, kind: str) -> dict[str, float]:
-    """How much of the fine-tune a storage type keeps: the share of trained entries whose stored value differs
-    from the base's stored value, and the stored change's mean size relative to the trained change."""
+def file_values(path: Path, names: list[str], work: Path) -> dict[str, torch.Tensor]:
+    """The ``names`` tensors (Hugging Face names and layout) exactly as the GGUF file ``path`` stores them:
+    sparsezo's own importer dequantizes the file to fp32 and undoes llama.cpp's Q/K row permutation."""
+    from safetensors import safe_open
+
+    from sparsezo.model.gguf_import import convert_gguf
+
+    folder = work / f"{path.stem}-fp32"
+    if not folder.exists():
+        convert_gguf(path, folder, torch.float32)
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys() if k in names})
+    return out
+
+
+def python_stored(t: torch.Tensor, qtype) -> torch.Tensor:
+    """``t`` stored as GGML type ``qtype`` by gguf-py's quantizer (what ``sparsezo export`` writes) and read back."""
     import gguf
 
-    from sparsezo.export.gguf import TYPES
+    a = t.detach().float().numpy()
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return torch.from_numpy(a.copy())
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return torch.from_numpy(a.astype(np.float16).astype(np.float32))
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype).copy())
 
-    qtype = gguf.GGMLQuantizationType[TYPES[kind][0]]
 
-    def stored(t: torch.Tensor) -> np.ndarray:
-        a = t.detach().float().numpy()
-        if qtype == gguf.GGMLQuantizationType.F32:
-            return a
-        if qtype == gguf.GGMLQuantizationType.F16:
-            return a.astype(np.float16).astype(np.float32)
-        return gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype)
+def update_survival(path: Path, model, base_model, delta, work: Path, base_file: Path | None = None) -> dict:
+    """How much of the fine-tune the file ``path`` keeps: the share of trained entries whose stored value differs
+    from the base's value stored the same way, and the stored change's mean size relative to the trained change.
+    The base stored the same way is the base quantized by gguf-py in each tensor's type in ``path`` (what sparsezo's
+    export writes), or ``base_file``, the base written by the same tool (llama.cpp's quantizer)."""
+    import gguf
 
+    from sparsezo.export.gguf import gguf_tensor_name
+
+    names = [n for n, idx in delta.mask.indices.items() if idx is not None and idx.numel()]
+    after = file_values(path, names, work)
+    before = file_values(base_file, names, work) if base_file is not None else None
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
     changed = total = 0
     kept = moved = 0.0
-    for name, idx in delta.mask.indices.items():
-        if idx is None or not idx.numel():
-            continue
-        after, before = model.get_parameter(name), base_model.get_parameter(name)
-        i = idx.numpy()
-        sa, sb = stored(after).reshape(-1)[i], stored(before).reshape(-1)[i]
+    share_by_type: dict[str, int] = {}
+    for name in names:
+        idx = delta.mask.indices[name]
+        qtype = types[gguf_tensor_name(model.config, name)]
+        sa = after[name].reshape(-1)[idx]
+        sb = (before[name] if before is not None else python_stored(base_model.get_parameter(name), qtype)).reshape(-1)[idx]
         changed += int((sa != sb).sum())
-        total += i.size
-        kept += float(np.abs(sa - sb).sum())
-        moved += float((after.detach().float().reshape(-1)[idx] - before.detach().float().reshape(-1)[idx]).abs().sum())
-    return {"trained_entries_changed_in_file": changed / total, "update_size_kept": kept / moved if moved else 1.0}
+        total += idx.numel()
+        share_by_type[qtype.name] = share_by_type.get(qtype.name, 0) + idx.numel()
+        kept += float((sa - sb).abs().sum())
+        moved += float((model.get_parameter(name).detach().float().reshape(-1)[idx]
+                        - base_model.get_parameter(name).detach().float().reshape(-1)[idx]).abs().sum())
+    counts: dict[str, int] = {}
+    for qtype in types.values():
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    return {"trained_entries_changed_in_file": changed / total, "update_size_kept": kept / moved if moved else 1.0,
+            "trained_entries_by_type": {k: v / total for k, v in sorted(share_by_type.items())},
+            "tensor_types": dict(sorted(counts.items()))}
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str, threads: int) -> None:
+    """llama.cpp's own quantizer (``llama-quantize``) on an f16 GGUF: e.g. ``Q4_K_M``, Ollama's default type."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype}")
 
 
 def without_extra_buffers() -> None:
@@ -206,11 +259,22 @@ def main() -> None:
                                    "llama_cpp_test_accuracy": acc}
         del llm
     for kind in args.types:
-        out = tmp / f"{run.name}-{kind}.gguf"
+        out = tmp / f"{run.name}-{kind.replace(':', '-')}.gguf"
         t = time.perf_counter()
-        assert sparsezo(["export", "--format", "gguf", "--delta", str(run), "--out", str(out), "--type", kind]) == 0
+        base_file = None
+        if kind.startswith(LLAMA_QUANTIZE):  # llama.cpp's quantizer on the f16 export, and on the base's
+            ftype = kind.removeprefix(LLAMA_QUANTIZE)
+            f16, base_f16, base_file = tmp / "ft-f16.gguf", tmp / "base-f16.gguf", tmp / f"base-{ftype}.gguf"
+            if not f16.exists():
+                assert sparsezo(["export", "--format", "gguf", "--delta", str(run), "--out", str(f16)]) == 0
+            if not base_f16.exists():
+                export_gguf(base_model, tok, base_f16, None, "f16")
+            llama_quantize(f16, out, ftype, args.threads)
+            llama_quantize(base_f16, base_file, ftype, args.threads)
+        else:
+            assert sparsezo(["export", "--format", "gguf", "--delta", str(run), "--out", str(out), "--type", kind]) == 0
         row = {"bytes": out.stat().st_size, "export_seconds": round(time.perf_counter() - t, 2),
-               **update_survival(model, base_model, delta, kind)}
+               **update_survival(out, model, base_model, delta, tmp, base_file)}
         hf = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=out.name, dtype=torch.float32).eval()
         with torch.no_grad():
             err = max(float(np.abs(hf(torch.tensor([ids])).logits[0].numpy() - r).max())
@@ -232,6 +296,7 @@ def main() -> None:
         row["same_predictions_as_sparsezo"] = sum(a == b for a, b in zip(preds, sz_preds)) / len(preds)
         del llm
         print(f"{kind}: {row}", file=sys.stderr)
+        write_json(args.out, report)  # what is measured so far survives a later failure
     adapter = tmp / f"{run.name}-peft"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

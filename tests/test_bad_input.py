@@ -336,6 +336,8 @@ CASES = [
     # --- flags: ranges, finiteness, regexes, devices (all refused before any model load)
     Case("args-not-an-int", lambda e, t: train(e, t, "--steps", "ten"), "invalid int value: 'ten'; see `sparsezo train"),
     Case("args-bad-choice", lambda e, t: train(e, t, "--dtype", "int8"), "invalid choice: 'int8'"),
+    Case("args-bad-truncation-side", lambda e, t: train(e, t, "--truncation-side", "middle"),
+         r"invalid choice: 'middle' \(choose from 'left', 'right'\)"),
     Case("args-unknown-option", lambda e, t: train(e, t, "--turbo"), "unrecognized arguments: --turbo"),
     Case("args-unknown-command", lambda e, t: ["trian"], "invalid choice: 'trian'"),
     Case("seed-negative", lambda e, t: train(e, t, "--seed", "-1"), "--seed must be in 0"),

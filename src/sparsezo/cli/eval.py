@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from ..eval.evaluate import evaluate
+from ..eval.truncation import DEFAULT_SIDE, set_truncation_side
 from ..model.load import build_model
 from ..model.resolve import check_model_path
 from ..tasks.icl import with_demonstrations
@@ -31,7 +32,7 @@ def register(sub) -> None:
 
 def fill_from_run(args: argparse.Namespace, deltas: list) -> None:
     """Fill eval's options left unset from the first --delta's run, as merge and replay do: base model,
-    dtype and quantization, and — unless --task names another task — the task, its data, split sizes
+    dtype, quantization and truncation side, and — unless --task names another task — the task, its data, split sizes
     and seed, so ``eval --delta RUN`` scores the fine-tune on what it was trained for. Without a delta
     (or for what the run did not record) the train defaults apply."""
     run = deltas[0].meta if deltas else {}
@@ -50,12 +51,14 @@ def fill_from_run(args: argparse.Namespace, deltas: list) -> None:
         if not task_options(args):  # the run's user-task files and template, unless the flags give others
             for k, v in (run.get("task_options") or {}).items():
                 setattr(args, k, v)
-    recorded = {"model": run.get("model"), "dtype": run.get("dtype"), "quant": run.get("quant")}
+    recorded = {"model": run.get("model"), "dtype": run.get("dtype"), "quant": run.get("quant"),
+                "truncation_side": run.get("truncation_side")}
     if same_task:
         recorded.update(num_train=run.get("num_train"), num_dev=run.get("num_dev"), num_test=run.get("num_test"),
                         seed=(run.get("zo") or {}).get("seed"))
     defaults = {"task": TRAIN.task, "model": None, "dtype": "bfloat16", "quant": None, "num_train": TRAIN.num_train,
-                "num_dev": TRAIN.num_dev, "num_test": TRAIN.num_test, "seed": TRAIN.seed}
+                "num_dev": TRAIN.num_dev, "num_test": TRAIN.num_test, "seed": TRAIN.seed,
+                "truncation_side": DEFAULT_SIDE}
     for key, default in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, recorded.get(key) if recorded.get(key) is not None else default)
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> None:
     examples = with_demonstrations(splits[args.split], splits["train"], args.icl, args.seed)
     # with --quant: 4-bit around the deltas' mask (or with no exact entries)
     model, tok, _ = build_model(args.model, args.dtype, args.device, args.quant, deltas[0].mask if deltas else None)
+    set_truncation_side(tok, args.truncation_side)
     split = args.split + (f"/{args.icl}-shot" if args.icl else "")
     rows = []
     scored = [] if deltas and args.no_base else [(None, None)]

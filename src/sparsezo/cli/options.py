@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from ..eval.scoring import LOSSES
+from ..eval.truncation import DEFAULT_SIDE, TRUNCATION_SIDES
 from ..dtypes import AUTO
 from ..model.params import DTYPES
 from ..quant import QUANT_TYPES
@@ -129,6 +130,10 @@ def add_task_args(p: Options, kind: str = "train", custom: Options | None = None
         t.add_argument("--num-test", type=int, default=None if run else TRAIN.num_test,
                        help="test examples (capped by the task's validation file)"
                             + (of_run(TRAIN.num_test) if run else ""))
+        t.add_argument("--truncation-side", default=None if run else DEFAULT_SIDE, choices=TRUNCATION_SIDES,
+                       help="which end of a prompt too long for 1,024 tokens with its answer is dropped (the answer "
+                            "never is; each cut is reported): left keeps the end, where the question and the answer "
+                            "cue are; right keeps the start" + (of_run(DEFAULT_SIDE) if run else ""))
     else:
         p.set_defaults(num_test=TRAIN.num_test)
     seeds = {"eval": "data sampling and ICL demonstrations" + of_run(TRAIN.seed), "mask": "data sampling and "

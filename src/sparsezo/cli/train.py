@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import SparseZOError
 from ..eval.evaluate import evaluate
+from ..eval.truncation import set_truncation_side
 from ..io import atomic_dir, check_writable, read_json, write_json
 from ..masks import RULES
 from ..model.memory import model_numel
@@ -219,7 +220,8 @@ def train(args: argparse.Namespace, dist: DistContext | None, held: contextlib.E
         meta = run_meta(cfg, model=recorded_path(model.name_or_path), dtype=args.dtype, quant=args.quant,
                         task=args.task, task_options=task_options(args), data_dir=args.data_dir, mask_rule=mask.rule,
                         density=mask.meta.get("density"), num_train=args.num_train, num_dev=args.num_dev,
-                        num_test=args.num_test, split_sizes={k: len(v) for k, v in splits.items()})
+                        num_test=args.num_test, split_sizes={k: len(v) for k, v in splits.items()},
+                        truncation_side=args.truncation_side)
         if dist:
             log.info("%d processes, %s-parallel", dist.world, dist.parallel)
     if is_main and not args.resume:  # the run directory exists from here on: config + mask first, then checkpoints
@@ -232,6 +234,7 @@ def train(args: argparse.Namespace, dist: DistContext | None, held: contextlib.E
         if not is_main:  # the mask file rank 0 just wrote (the run directory must be shared by all nodes)
             args.mask = str(out / "mask.safetensors")
             model, tok, mask = model_and_mask(args, splits["train"], args.quant)
+    set_truncation_side(tok, args.truncation_side)  # training batches, dev, test and the lr probe alike
     params = TrainableParams(model, mask)
     log.info("training %d of %d eligible weights (%s)", mask.num_trainable, mask.num_eligible, mask.rule)
     state = None

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .truncation import report_truncation, truncate, truncation_side
+
 
 def stop_token_ids(tokenizer) -> list[int]:
     """EOS plus every vocabulary token whose text contains a newline (e.g. "\\n", "\\n\\n", ".\\n")."""
@@ -31,13 +33,22 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
              max_length: int = 1024, stop_ids: list[int] | None = None, progress=None) -> list[str]:
     """Greedy answers (stop rule applied) for ``prompts``, in their order.
 
-    Prompts longer than ``max_length - max_new_tokens`` tokens are cut from the left, keeping
-    the question and the answer cue. ``stop_ids`` defaults to :func:`stop_token_ids`.
+    Prompts longer than ``max_length - max_new_tokens`` tokens are cut on the tokenizer's
+    :func:`~sparsezo.eval.truncation.truncation_side` (default left, keeping the question and the
+    answer cue), and the cut is reported. ``stop_ids`` defaults to :func:`stop_token_ids`.
     """
     device = next(model.parameters()).device
     stop = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
     room = max_length - max_new_tokens
-    enc = [tokenizer(p, add_special_tokens=True)["input_ids"][-room:] for p in prompts]
+    side, enc, cut = truncation_side(tokenizer), [], []
+    for p in prompts:
+        ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        if len(ids) > room:
+            cut.append(len(ids) - room)
+            ids = truncate(ids, room, side)
+        enc.append(ids)
+    if cut:
+        report_truncation(tokenizer, len(cut), len(prompts), max(cut), room, side)
     pad = tokenizer.pad_token_id
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
     out = [""] * len(enc)

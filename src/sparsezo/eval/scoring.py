@@ -9,7 +9,6 @@ last position (the shared prefix is computed once).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +17,9 @@ from torch import nn
 
 from ..errors import SparseZOError
 from ..tasks import Example
+from .truncation import report_truncation, truncate, truncation_side
 
 LOSSES = ("ce", "lm", "acc")
-_log = logging.getLogger("sparsezo")
 
 
 @dataclass
@@ -50,11 +49,12 @@ class Batch:
 def encode(tokenizer, examples: list[Example], max_length: int = 1024) -> list[Encoded]:
     """Tokenize prompts (with the tokenizer's special tokens) and candidates (without).
 
-    Prompts that would not fit with their longest candidate are cut from the left, keeping
-    the end of the prompt, which is where the question and answer cue are. Cutting changes what
+    Prompts that would not fit with their longest candidate are cut on the tokenizer's
+    :func:`~sparsezo.eval.truncation.truncation_side` (default left, keeping the end of the prompt,
+    which is where the question and answer cue are); candidates are never cut. Cutting changes what
     the model sees, so it is reported (once per distinct set of examples), never silent.
     """
-    out, cut = [], []
+    out, cut, side = [], [], truncation_side(tokenizer)
     for ex in examples:
         prompt = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
         cands = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in ex.candidates]
@@ -63,24 +63,11 @@ def encode(tokenizer, examples: list[Example], max_length: int = 1024) -> list[E
         room = max_length - max(len(c) for c in cands)
         if len(prompt) > room:
             cut.append(len(prompt) - room)
-            prompt = prompt[-room:]
+            prompt = truncate(prompt, room, side)
         out.append(Encoded(prompt, cands, ex.gold))
     if cut:
-        _report_truncation(len(cut), len(examples), max(cut), max_length)
+        report_truncation(tokenizer, len(cut), len(examples), max(cut), max_length, side)
     return out
-
-
-_REPORTED: set[tuple[int, int, int]] = set()
-
-
-def _report_truncation(n_cut: int, n: int, most: int, max_length: int) -> None:
-    """One warning per distinct (cut, total, longest cut): evaluation re-encodes the same split often."""
-    key = (n_cut, n, most)
-    if key not in _REPORTED:
-        _REPORTED.add(key)
-        _log.warning("warning: %d of %d prompts exceed %d tokens with their answer and were cut from the left (their "
-                     "start dropped, up to %d tokens); shorten the template or the inputs to keep them whole",
-                     n_cut, n, max_length, most)
 
 
 def make_batch(encoded: list[Encoded], pad_id: int, padding_side: str = "right", device="cpu") -> Batch:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,13 +36,16 @@ from ..errors import SparseZOError
 from ..io import atomic_path, write_text
 from ..model.gguf_import import METADATA_FILE, read_metadata, source_metadata
 from ..model.paths import default_model_folder, fetch_default_gguf
+from .gguf_plan import MIXED, storage_plan
 from .hf import merged_tensors
 
 log = logging.getLogger(__name__)
 
-# --type → (GGML tensor type of 2-D weights, llama.cpp's general.file_type)
+# --type → (GGML tensor type of 2-D weights, llama.cpp's general.file_type); a mixed type (gguf_plan.MIXED)
+# names its bulk type: most 2-D weights, with the tensors holding most trained entries at 8 bits
 TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
-         "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9)}
+         "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9),
+         "q4_0+q8_0": ("Q4_0", 2), "q4_1+q8_0": ("Q4_1", 3)}
 # Hugging Face model_type → (llama.cpp architecture, whether llama.cpp permutes Q/K rows for its rope layout)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
                  "qwen3": ("qwen3", False)}
@@ -88,24 +92,43 @@ def _gguf_name(name_map, hf_name: str) -> str:
     return f"{mapped}.{suffix}"
 
 
+def gguf_tensor_name(config, hf_name: str) -> str:
+    """llama.cpp's name of a Hugging Face tensor (``model.layers.0.mlp.up_proj.weight`` → ``blk.0.ffn_up.weight``)."""
+    return _gguf_name(_name_map(config), hf_name)
+
+
 def _gguf_version() -> str:
     from importlib.metadata import version
 
     return version("gguf")
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], kind: str):
+def planned_types(model: nn.Module, delta, kind: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """GGML type name of each 2-D tensor (by GGUF name): ``kind``'s for a plain type; for a mixed one
+    (:data:`~sparsezo.export.gguf_plan.MIXED`) the per-tensor plan over the delta's trained entries."""
+    if kind not in MIXED:
+        return {name: TYPES[kind][0] for name, shape in shapes.items() if len(shape) == 2}
+    trained: dict[str, int] = {}
+    for hf_name, idx in (delta.mask.indices.items() if delta is not None else ()):
+        name = gguf_tensor_name(model.config, hf_name) if hf_name != "lm_head.weight" else None
+        if name is not None:  # a tied head's entries are the embedding's, and it is stored at 8 bits anyway
+            count = math.prod(delta.mask.shapes[hf_name]) if idx is None else int(idx.numel())
+            trained[name] = trained.get(name, 0) + count
+    return storage_plan(shapes, trained, kind)
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], type_name: str | None):
     """The GGML type a tensor is stored in: 1-D tensors (norms, biases) stay F32, as in llama.cpp's converter;
     2-D weights whose rows do not split into whole quantization blocks fall back to F16."""
     import gguf
 
-    if len(shape) < 2:
+    if len(shape) < 2 or type_name is None:
         return gguf.GGMLQuantizationType.F32
-    qtype = gguf.GGMLQuantizationType[TYPES[kind][0]]
+    qtype = gguf.GGMLQuantizationType[type_name]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if shape[-1] % block:
         log.warning("%s: rows of %d entries are not whole %s blocks of %d; stored as F16", name, shape[-1],
-                    TYPES[kind][0], block)
+                    type_name, block)
         return gguf.GGMLQuantizationType.F16
     return qtype
 
@@ -237,7 +260,9 @@ def base_gguf_metadata(model: nn.Module) -> dict[str, dict[str, Any]] | None:
 def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, delta=None, kind: str = "f16") -> dict[str, Any]:
     """Write ``model`` + ``delta`` as the GGUF file ``out`` (atomically); returns sizes and counts.
 
-    ``kind`` is the storage type of the 2-D weights (``TYPES``); norms stay F32.
+    ``kind`` is the storage type of the 2-D weights (``TYPES``); a mixed kind (``q4_0+q8_0``, ``q4_1+q8_0``)
+    stores the tensors that hold most of the delta's trained entries, and the output layer, at 8 bits and the
+    rest at 4 (:mod:`~sparsezo.export.gguf_plan`); norms stay F32.
     """
     import gguf
 
@@ -250,6 +275,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, delta=None,
     if meta is None:
         _add_hf_tokenizer(gguf.GGUFWriter(None, arch), tokenizer)  # validate first: fail before the long write
     plan = [(name, w.shape) for name, w in _gguf_tensors(model, delta)]
+    wanted = planned_types(model, delta, kind, {name: tuple(shape) for name, shape in plan})
     counts: dict[str, int] = {}
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
@@ -263,7 +289,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, delta=None,
             _add_hf_tokenizer(writer, tokenizer)
         types, data_bytes = {}, 0
         for name, shape in plan:
-            qtype = types[name] = _tensor_type(name, tuple(shape), kind)
+            qtype = types[name] = _tensor_type(name, tuple(shape), wanted.get(name))
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
             writer.add_tensor_info(name, shape, np.float32, nbytes, raw_dtype=qtype)
