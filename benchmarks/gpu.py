@@ -12,8 +12,9 @@ Rows (``"row"``):
 - ``step``: ZO step / two forwards (interleaved medians) for a 0.1% random mask and full ZO, with
   MeZO's reference loop (``baseline``) measured the same way; perturb ms a phase;
   ``peak_memory_bytes`` = CUDA ``max_memory_allocated`` of the row;
-- ``forward``: ms of one forward at 1×32, 1×256, 16×256 per base (bf16, nf4, int4), eager and (CUDA)
-  replayed as a CUDA graph (``graphed_…``; ``graph_reason`` says why not where capture failed);
+- ``forward``: ms of one scoring forward at 1×32, 1×256, 16×256 per base (bf16, nf4, int4); on CUDA
+  also the decoder forward (``--cuda-graphs``' unit) eagerly (``eager_decoder_…``) and replayed as a
+  CUDA graph (``graphed_…``; ``graph_reason`` says why not where capture failed);
 - ``fused``: the fused ±ε step (one forward over the stacked batch) over two forwards;
 - ``fisher``: Fisher-score time and peak memory over the bf16 and the 4-bit base (the 4-bit
   pass recomputes each layer's dense weight in backward), the top-k on the device;
@@ -38,7 +39,7 @@ from collections.abc import Iterator
 import torch
 
 from sparsezo.bench import bench, bench_fused, synthetic_batch
-from sparsezo.eval.graphs import GraphedForward
+from sparsezo.eval.graphs import GraphedDecoder
 from sparsezo.masks import compute_mask
 from sparsezo.masks.quantized import eligible_tensors
 from sparsezo.masks.sensitive import plan_passes, squared_gradient_passes
@@ -149,11 +150,11 @@ def forward_ms(model, shapes, repeats: int, device: str) -> dict:
         batch = synthetic_batch(model, b, t)
         batch_loss(model, batch)
         out[f"{b}x{t}_ms"] = median_ms(lambda: batch_loss(model, batch), repeats, device)
-        if torch.device(device).type == "cuda":  # the model forward to logits replayed as a CUDA graph
-            graphed = GraphedForward(model)
-            ids, mask = batch.input_ids, batch.attention_mask
-            graphed(ids, mask)
-            ms = median_ms(lambda: graphed(ids, mask), repeats, device)
+        if torch.device(device).type == "cuda":  # the decoder forward, eager and replayed as a CUDA graph
+            graphed = GraphedDecoder(model)
+            graphed(batch)
+            out[f"eager_decoder_{b}x{t}_ms"] = median_ms(lambda: graphed.eager(batch), repeats, device)
+            ms = median_ms(lambda: graphed(batch), repeats, device)
             out[f"graphed_{b}x{t}_ms"] = ms if graphed.reason is None else None
             out["graph_reason"] = graphed.reason
             del graphed

@@ -71,7 +71,8 @@ def test_train_help_files_every_option_under_a_heading(capsys, monkeypatch):
     expected = {"--model": "model", "--quant": "model", "--task": "data", "--seed": "data", "--data": GROUPS[2],
                 "--mask": "mask", "--max-memory": "mask", "--lr": "optimisation", "--optimizer": "optimisation",
                 "--keep-last": "optimisation", "--out": "output", "--json": "output", "--resume": "output",
-                "--fused-pm": "advanced", "--eval-batch-size": "advanced", "--nproc": GROUPS[-1]}
+                "--fused-pm": "advanced", "--cuda-graphs": "advanced", "--eval-batch-size": "advanced",
+                "--nproc": GROUPS[-1]}
     assert {o: where[o] for o in expected} == expected
     monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit):

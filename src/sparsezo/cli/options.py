@@ -216,7 +216,7 @@ LR_HELP = ("learning rate of the ZO update, or 'auto': probe a grid of lrs on 32
 
 def add_zo_args(p: Options, advanced: Options | None = None) -> None:
     """The ZO recipe's options; ``advanced``: where the rarely changed ones go (--dist, --direction,
-    --fused-pm, --eval-batch-size: numerics and speed, not what is learned; default ``p``)."""
+    --fused-pm, --cuda-graphs, --eval-batch-size: numerics and speed, not what is learned; default ``p``)."""
     a = p if advanced is None else advanced
     p.add_argument("--steps", type=int, default=TRAIN.steps, help="ZO steps (each: two forward passes per query)")
     p.add_argument("--lr", type=lr_value, default=TRAIN.lr,  # None is auto: say so, not "default: none"
@@ -247,6 +247,10 @@ def add_zo_args(p: Options, advanced: Options | None = None) -> None:
                    help="score θ+εz and θ−εz in one forward over the batch stacked on itself (same losses to float "
                         "rounding): on (also plain --fused-pm), off, or auto = on for batches of at most "
                         f"{FUSED_AUTO_TOKENS} tokens on a 4-bit base, where it measured faster")
+    a.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the unfused ZO forward per bucketed shape as CUDA graphs on a CUDA device (a "
+                        "forward's kernels replayed with one launch); no effect elsewhere; losses may differ from "
+                        "eager in the last bits, replay unaffected because it reads the recorded gradients")
     a.add_argument("--eval-batch-size", type=int, default=TRAIN.eval_batch_size,
                    help="examples per forward when evaluating")
 

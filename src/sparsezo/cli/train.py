@@ -124,7 +124,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return recipe.train_config(
         zo={"q": args.q, "dist": args.dist, "direction": args.direction, "optimizer": args.optimizer,
             "weight_decay": args.weight_decay, "schedule": args.schedule, "warmup": args.warmup},
-        loss=args.loss, keep_best=not args.keep_last, fused_pm=args.fused_pm)
+        loss=args.loss, keep_best=not args.keep_last, fused_pm=args.fused_pm, cuda_graphs=args.cuda_graphs)
 
 
 def run_size(args: argparse.Namespace, cfg: TrainConfig) -> int:

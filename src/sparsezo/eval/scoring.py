@@ -9,6 +9,7 @@ last position (the shared prefix is computed once).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,12 +109,27 @@ def make_batch(encoded: list[Encoded], pad_id: int, padding_side: str = "right",
                  t([e.gold for e in encoded]), t([len(e.cands) for e in encoded]), max_c)
 
 
-@torch.no_grad()
-def candidate_logprobs(model: nn.Module, batch: Batch, mean: bool = False) -> torch.Tensor:
-    """[examples, max_cands] fp32 sum (or mean) of candidate-token log-probs; -inf where no candidate."""
-    hidden = model.get_decoder()(
+# The decoder's last hidden state [rows, width, H] of a batch: ``decoder_states`` (eager) or a captured
+# replay of it (eval.graphs.GraphedDecoder, ``--cuda-graphs``).
+Forward = Callable[[Batch], torch.Tensor]
+
+
+def decoder_states(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The decoder's last hidden state of ``batch`` [rows, width, H], computed eagerly."""
+    return model.get_decoder()(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
     )[0]
+
+
+@torch.no_grad()
+def candidate_logprobs(model: nn.Module, batch: Batch, mean: bool = False,
+                       forward: Forward | None = None) -> torch.Tensor:
+    """[examples, max_cands] fp32 sum (or mean) of candidate-token log-probs; -inf where no candidate.
+
+    ``forward`` computes the decoder's hidden states (None: :func:`decoder_states`); its output is
+    read once, here, before anything else runs it again (a graph's static output).
+    """
+    hidden = decoder_states(model, batch) if forward is None else forward(batch)
     h = hidden[batch.rows, batch.cols]
     logp = F.log_softmax(model.get_output_embeddings()(h).float(), dim=-1)
     tok_lp = logp[batch.query, batch.target]
@@ -141,12 +157,12 @@ def loss_from_scores(scores: torch.Tensor, batch: Batch, kind: str) -> float:
     raise SparseZOError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
 
 
-def batch_loss(model: nn.Module, batch: Batch, kind: str = "ce") -> float:
-    """The scalar a ZO step compares between θ+εz and θ−εz.
+def batch_loss(model: nn.Module, batch: Batch, kind: str = "ce", forward: Forward | None = None) -> float:
+    """The scalar a ZO step compares between θ+εz and θ−εz (``forward``: see :func:`candidate_logprobs`).
 
     ``lm`` uses the mean log-prob per gold token, so long answers do not dominate.
     """
-    return loss_from_scores(candidate_logprobs(model, batch, mean=(kind == "lm")), batch, kind)
+    return loss_from_scores(candidate_logprobs(model, batch, mean=(kind == "lm"), forward=forward), batch, kind)
 
 
 def _length(e: Encoded) -> int:
@@ -204,13 +220,13 @@ def micro_batches(encoded: list[Encoded], pad_id: int, device="cpu", bucketed: b
     return [make_batch([encoded[i] for i in c], pad_id, device=device) for c in chunks]
 
 
-def micro_batch_loss(model: nn.Module, batches: list[Batch], kind: str = "ce") -> float:
+def micro_batch_loss(model: nn.Module, batches: list[Batch], kind: str = "ce", forward: Forward | None = None) -> float:
     """The mean loss over all examples of ``batches``: each micro-batch's mean weighted by its examples, so it
     equals :func:`batch_loss` of the whole step in one batch up to float summation order."""
     if len(batches) == 1:  # exactly batch_loss (× n / n may move the last bit)
-        return batch_loss(model, batches[0], kind)
+        return batch_loss(model, batches[0], kind, forward)
     n = sum(b.gold.numel() for b in batches)
-    return sum(batch_loss(model, b, kind) * b.gold.numel() for b in batches) / n
+    return sum(batch_loss(model, b, kind, forward) * b.gold.numel() for b in batches) / n
 
 
 def padding_fraction_of(batches: list[Batch]) -> float:

@@ -35,6 +35,7 @@ class TrainConfig:
     keep_best: bool = True  # MeZO: return the θ with the best dev accuracy, not the last one
     fused_pm: str = "auto"  # both perturbed forwards as one stacked forward (zo/fused.py): on, off, or auto
     bucket: bool = True  # a step's loss over length-bucketed micro-batches (eval.scoring.micro_batches): no padding cost
+    cuda_graphs: bool = False  # the unfused steps' decoder forward replayed as CUDA graphs (eval/graphs.py); CUDA only
     zo: ZOConfig = field(default_factory=ZOConfig)
     lr_auto: bool = False  # probe lr_grid on a dev subset first (see probe_lr); the result's zo.lr is the choice
     lr_grid: tuple[float, ...] | None = None  # --lr auto's candidates (None: the optimiser's own grid)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from ..errors import SparseZOError, os_hint
 from ..eval.evaluate import evaluate as evaluate_split
-from ..eval.scoring import encode, micro_batches
+from ..eval.graphs import GraphedDecoder, bucket
+from ..eval.scoring import Encoded, encode, micro_batches
 from ..io import write_text
 from ..model.params import model_fingerprint
 from ..quant import QUANT_LAYERS
@@ -49,6 +50,23 @@ def fused_engine(model: torch.nn.Module, params: TrainableParams, cfg: TrainConf
             and FusedPM.supports(model, params)):
         return FusedPM(model, params, max_tokens=FUSED_AUTO_TOKENS)
     return None
+
+
+def graphed_decoder(model: torch.nn.Module, cfg: TrainConfig, fused: FusedPM | None,
+                    encoded: list[Encoded]) -> GraphedDecoder | None:
+    """The unfused steps' decoder forward for ``cfg.cuda_graphs`` (None: eager). Off CUDA it warns that the
+    flag does nothing (the run is then the one without it); with ``--fused-pm on`` every step is scored fused,
+    whose hooks need the eager forward. Rows are capped at a step's most (one row per candidate at worst)."""
+    if not cfg.cuda_graphs:
+        return None
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        _log.warning("warning: --cuda-graphs has no effect off CUDA (the model is on %s); training eagerly", device)
+        return None
+    if fused is not None and fused.max_tokens is None:
+        _log.info("--cuda-graphs: unused, --fused-pm on scores every step in one stacked forward, which stays eager")
+        return None
+    return GraphedDecoder(model, max_rows=bucket(cfg.batch_size * max(len(e.cands) for e in encoded), 1))
 
 
 def fine_tune(
@@ -180,12 +198,13 @@ def fine_tune(
     bar = tqdm(range(start, cfg.steps), desc="zo", unit="step", disable=not progress, dynamic_ncols=True,
                initial=start, total=cfg.steps)
     running = None
+    graphed = graphed_decoder(model, cfg, fused, encoded)
     try:
         for step in bar:
             idx = batch_indices(cfg.zo.seed, step, len(encoded), cfg.batch_size)
             idx = idx if dist is None else dist.shard(idx)
             b = micro_batches([encoded[i] for i in idx], pad, device, cfg.bucket)
-            loss = PMLoss(model, b, cfg.loss)
+            loss = PMLoss(model, b, cfg.loss, forward=graphed)
             rec: StepRecord = engine.step(step, loss) if dist is None else engine.step(step, loss, len(idx))
             trajectory.append(rec)
             running = rec.loss if running is None else 0.95 * running + 0.05 * rec.loss

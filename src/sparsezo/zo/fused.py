@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import SparseZOError
 from ..quant import QUANT_LAYERS
 from ..quant.int4 import Int4Linear, sparse_add_, sparse_layout
-from ..eval.scoring import Batch, candidate_logprobs, loss_from_scores, micro_batch_loss
+from ..eval.scoring import Batch, Forward, candidate_logprobs, loss_from_scores, micro_batch_loss
 from .trainable import TrainableParams
 
 
@@ -43,10 +43,11 @@ class PMLoss:
 
     ``batch`` may be a list of micro-batches of the step (``scoring.micro_batches``): the loss is then
     their example-weighted mean, the step's mean loss without padding every example to the longest.
+    ``forward``: the decoder's hidden states for ``loss()`` (e.g. a ``GraphedDecoder``; None: eager).
     """
 
-    def __init__(self, model: nn.Module, batch: Batch | list[Batch], kind: str = "ce"):
-        self.model, self.kind = model, kind
+    def __init__(self, model: nn.Module, batch: Batch | list[Batch], kind: str = "ce", forward: Forward | None = None):
+        self.model, self.kind, self.forward = model, kind, forward
         self.batches = batch if isinstance(batch, list) else [batch]
         self._doubled: list[Batch] | None = None
 
@@ -56,9 +57,11 @@ class PMLoss:
         return max(b.input_ids.numel() for b in self.batches)
 
     def __call__(self) -> float:
-        return micro_batch_loss(self.model, self.batches, self.kind)
+        return micro_batch_loss(self.model, self.batches, self.kind, self.forward)
 
     def pair(self) -> tuple[float, float]:
+        # always eager, never ``forward``: the fused hooks read this step's ±ε deltas (FusedPM._delta), a
+        # per-step tensor that a captured graph would freeze at the values (None) it saw when captured
         if self._doubled is None:
             self._doubled = [doubled(b) for b in self.batches]
         halves = []
