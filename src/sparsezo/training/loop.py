@@ -36,7 +36,7 @@ from .checkpoint import TrainState, check_resumable, save_checkpoint
 from .config import FUSED_AUTO_TOKENS, TrainConfig, TrainResult
 from .distributed import DistContext, DistributedEngine, check_consistent, check_one_process, check_split
 from .lr_probe import probe_lr
-from .outcome import Outcome, better
+from .outcome import Outcome, at_ceiling, better, start_row
 
 _log = logging.getLogger("sparsezo")
 def fused_engine(model: torch.nn.Module, params: TrainableParams, cfg: TrainConfig) -> FusedPM | None:
@@ -194,7 +194,8 @@ def fine_tune(
     else:
         (best_acc, best_loss), best_step, best_theta = evaluate(0), 0, params.theta.clone()
         trajectory, start = Trajectory(), 0
-    ceiling = Outcome.of(history, best_step, best_acc, best_loss, len(dev)).ceiling  # from the step-0 dev row
+    key, row = start_row(history)
+    ceiling = at_ceiling(row[key], len(dev))
     bar = tqdm(range(start, cfg.steps), desc="zo", unit="step", disable=not progress, dynamic_ncols=True,
                initial=start, total=cfg.steps)
     running = None

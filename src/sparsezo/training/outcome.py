@@ -29,6 +29,12 @@ def better(value: float, loss: float | None, best_value: float, best_loss: float
     return at_ceiling and loss is not None and best_loss is not None and loss < best_loss
 
 
+def start_row(history: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """(the dev metric's key, the step-0 dev row) of a run's history: the value every verdict is judged against."""
+    row = next(r for r in history if r["step"] == 0 and any(_is_metric(k) for k in r))
+    return next(k for k in row if _is_metric(k)), row
+
+
 def at_ceiling(start: float, n: int) -> bool:
     """Whether a step-0 dev value leaves no room for a gain beyond noise: even a perfect score would
     not beat it by IMPROVED_SE standard errors (e.g. 100% of 200, or 99% of 100)."""
@@ -70,8 +76,7 @@ class Outcome:
     def of(cls, history: list[dict[str, Any]], best_step: int, best: float, best_loss: float | None,
            n: int) -> Outcome:
         """The verdict from a run's metrics history (its step-0 dev row) and its selected best."""
-        row = next(r for r in history if r["step"] == 0 and any(_is_metric(k) for k in r))
-        key = next(k for k in row if _is_metric(k))
+        key, row = start_row(history)
         start, start_loss, loss_noise = row[key], row.get("dev_loss"), row.get("dev_loss_se")
         noise, improved = improvement(start, best, best_step, n)
         ceiling = at_ceiling(start, n)
