@@ -394,19 +394,25 @@ def test_lr_auto_never_spends_more_than_its_share_of_a_run(steps):
 
 def test_the_default_lr_is_auto_and_its_runs_learn_replay_and_resume_identically(env, capsys, monkeypatch):
     """`train` with no --lr probes (sparsezo.TRAIN.lr is None): on the tiny task it learns, its trajectory
-    replays to the same delta bytes, and a run interrupted after a checkpoint resumes to the same bytes."""
+    replays to the same delta bytes, and a run interrupted after a checkpoint resumes to the same bytes.
+
+    The settings give the verdict room on any CPU: 134 dev examples (a gain must clear ~0.09 rather
+    than ~0.12), the full mask, 600 steps of 32. With a 5% random mask, 300 steps of 16 and 67 dev
+    examples the gain sat at the noise threshold: it passed on an AVX2 CPU and failed on an AVX-512
+    one, whose rounding changed the probe's choice."""
+    data = write_sst2(env["root"] / "sst2-400", n_train=400)
+
     def argv(out):
-        return ["train", "--model", env["model"], "--data-dir", env["data"], "--dtype", "float32", "--mask", "random",
-                "--density", "0.05", "--steps", "300", "--batch-size", "16", "--eval-every", "50", "--num-train",
-                "133", "--num-dev", "67", "--num-test", "64", "--eps", "1e-3", "--checkpoint-every", "20",
-                "--out", str(out), "--json"]
+        return ["train", "--model", env["model"], "--data-dir", str(data), "--dtype", "float32", "--mask", "full",
+                "--steps", "600", "--batch-size", "32", "--eval-every", "50", "--num-train", "266", "--num-dev", "134",
+                "--num-test", "64", "--eps", "1e-3", "--checkpoint-every", "40", "--out", str(out), "--json"]
 
     ref = env["root"] / "default-lr"
     assert main(argv(ref)) == 0
     res = json.loads(capsys.readouterr().out)
     config = json.loads((ref / "config.json").read_text())
     assert config["args"]["lr"] is None and config["train"]["lr_auto"] is True
-    assert res["lr"] == config["lr_auto"]["lr"] and res["lr_auto_forwards"] <= 0.1 * 300 * 2
+    assert res["lr"] == config["lr_auto"]["lr"] and res["lr_auto_forwards"] <= 0.1 * 600 * 2
     assert res["improved"] and res["best_dev_accuracy"] > res["start_dev_accuracy"]
     replayed = env["root"] / "default-lr-replayed.safetensors"
     assert main(["replay", str(ref), "--out", str(replayed)]) == 0
@@ -417,7 +423,7 @@ def test_the_default_lr_is_auto_and_its_runs_learn_replay_and_resume_identically
 
     def save_then_stop(run_dir, state, **kw):
         save(run_dir, state, **kw)
-        if state.step == 140:
+        if state.step == 280:
             raise KeyboardInterrupt  # as a Ctrl-C right after the checkpoint
 
     stopped = env["root"] / "default-lr-stopped"
