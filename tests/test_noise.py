@@ -136,3 +136,71 @@ def test_hash_counters_that_cross_int32_boundaries_match_the_reference(at):
     w0 = (at - key_lo - 5) % (1 << 32)  # counters (w + key_lo) mod 2**32 run across ``at``
     h = noise.hash_words(4, w0, 10)
     assert (h.to(torch.int64) & 0xFFFFFFFF).tolist() == [hash_word_reference(4, w) for w in range(w0, w0 + 10)]
+
+
+# ---- version 2 across CPU kernels ------------------------------------------------------------
+
+REPLAY_SCRIPT = """
+import json, sys
+import torch
+from safetensors.torch import load_file
+sys.path.insert(0, sys.argv[1])
+from legacy_fixture import CASES, Net, make_mask, theta_digest
+from sparsezo.zo import TrainableParams, Trajectory, ZOConfig
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+for name, (size, dtype, kind, _) in CASES.items():
+    net = Net(size, dtype)
+    net.load_state_dict(load_file(f"{sys.argv[2]}/{name}-init.safetensors"))  # randn differs across kernel sets
+    params = TrainableParams(net, make_mask(net, kind))
+    traj = Trajectory.load(f"{sys.argv[2]}/{name}.safetensors")
+    traj.replay(params, ZOConfig(**traj.meta["zo"]))
+    out[name] = theta_digest(params)
+print(json.dumps(out))
+"""
+
+
+def test_version_2_replays_byte_identically_under_every_cpu_kernel_set(tmp_path):
+    """A run trained here replays to the same θ bytes when ATen dispatches its scalar or AVX2 kernels.
+
+    ATen picks vectorised kernels by CPU capability (``ATEN_CPU_CAPABILITY`` forces one); a kernel
+    that contracted y + a·x into a fused multiply-add, or summed in another order, would change θ's
+    last bits between machines. This is the CPU half of the cross-device claim, for every optimiser,
+    both distributions, bf16 and a full θ across noise-block boundaries (the cases of legacy_fixture).
+    The replays start from the trained run's initial weights, saved to a file: ``torch.randn`` itself
+    gives other values under another kernel set (its vectorised Box-Muller), which is why a user's
+    replay starts from the base model's file, not from a seed.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from legacy_fixture import STEPS
+    from sparsezo.zo import ZOEngine
+
+    trained = {"capability": torch.backends.cpu.get_cpu_capability()}
+    from safetensors.torch import save_file
+
+    for name, (_, _, _, settings) in CASES.items():
+        net, params = build(name)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / f"{name}-init.safetensors"))
+        before = theta_digest(params)
+        engine = ZOEngine(params, ZOConfig(**settings), STEPS)
+        traj = Trajectory(meta={"zo": engine.config_dict()})
+        for t in range(STEPS):
+            traj.append(engine.step(t, net.loss))
+        assert traj.meta["zo"]["noise"] == 2
+        traj.save(tmp_path / f"{name}.safetensors")
+        trained[name] = theta_digest(params)
+        assert trained[name] != before  # θ moved: the comparison below can fail
+    tests_dir = str(Path(__file__).parent)
+    seen = {trained["capability"]}
+    for cap in ("default", "avx2"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
+        proc = subprocess.run([sys.executable, "-c", REPLAY_SCRIPT, tests_dir, str(tmp_path)], env=env,
+                              capture_output=True, text=True, check=True)
+        replayed = json.loads(proc.stdout.strip().splitlines()[-1])
+        seen.add(replayed.pop("capability"))
+        assert replayed == {k: v for k, v in trained.items() if k != "capability"}, cap
+    if len(seen) < 2:
+        pytest.skip(f"this CPU offers one ATen kernel set only ({seen}): nothing to compare across")
