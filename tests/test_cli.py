@@ -30,6 +30,8 @@ def test_train_then_eval_end_to_end(env, capsys):
     out = env["root"] / "run"
     assert main(_train_args(env, out, "--json")) == 0
     result = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
+    assert main(["info", str(out)]) == 0  # --keep-last: the delta is the last θ, whatever dev said
+    assert "20 steps, the delta is θ at step 20 (last step: --keep-last)" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "delta.safetensors", "mask.safetensors",
                                                      "metrics.jsonl", "trajectory.safetensors"]
     config = json.loads((out / "config.json").read_text())

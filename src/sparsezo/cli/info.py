@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> None:
            "steps": train_cfg.get("steps"), "results": config.get("results"), **sizes,
            "complete": (run_dir / "delta.safetensors").is_file()}
     best = (obj["results"] or {}).get("best_step")  # replay rebuilds up to it: say so beside the step count
-    kept = (f", the delta is θ at step {best} (best dev{': the base, nothing learned' if best == 0 else ''})"
-            if obj["complete"] and isinstance(best, int) else "")
+    why = ("last step: --keep-last" if train_cfg.get("keep_best") is False
+           else f"best dev{': the base, nothing learned' if best == 0 else ''}")
+    kept = f", the delta is θ at step {best} ({why})" if obj["complete"] and isinstance(best, int) else ""
     lines = [f"{run_dir}: {obj['task']}, {obj['mask_rule']} mask, {obj['steps']} steps{kept}"
              f"{'' if obj['complete'] else ' (incomplete: resume with sparsezo train --resume ' + str(run_dir) + ')'}"]
     lines += [f"  {k[:-6]:>11}: {human(v):>10}  ({v} bytes)" for k, v in sizes.items()]
