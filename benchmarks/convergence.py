@@ -20,7 +20,7 @@ counted: every optimiser pays the same for them). Protocol, on the default model
   a noisy curve, which rewards noise, not speed; the plateau averages it away.
 - target per (task, budget) = 95% of the way from the step-0 dev to ZO-SGD's plateau, for ZO-SGD at
   the lr of its grid with the highest plateau. 95% of the gain rather than 95% of the accuracy:
-  with chance at 0.5, 95% of a 0.77 plateau would be reached by a run that kept only 85% of the gain.
+  from a 0.53 start, 95% of a 0.77 plateau (0.73) would be reached by a run that kept only 84% of the gain.
 - forwards to target per row = the first evaluation at which the seeds' mean dev curve reaches the
   target (the mean over seeds of that evaluation's forwards), or "—" if it never does;
 - gain = test accuracy of the best-dev θ − zero-shot test accuracy, mean over seeds with a 95%

@@ -175,12 +175,12 @@ def test_version_2_replays_byte_identically_under_every_cpu_kernel_set(tmp_path)
     import sys
     from pathlib import Path
 
+    from safetensors.torch import save_file
+
     from legacy_fixture import STEPS
     from sparsezo.zo import ZOEngine
 
     trained = {"capability": torch.backends.cpu.get_cpu_capability()}
-    from safetensors.torch import save_file
-
     for name, (_, _, _, settings) in CASES.items():
         net, params = build(name)
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / f"{name}-init.safetensors"))
