@@ -7,7 +7,8 @@ What a ZO user pays for is forward passes, and optimisers differ in forwards per
 hizoo 3, fzoo q+1 = 9), so every curve here is dev accuracy against *forwards*: ZO forwards over a
 training batch, plus the ``--lr auto`` probe's when a cell uses it (dev evaluations are not
 counted: every optimiser pays the same for them). Protocol, on the default model
-(SmolLM2-135M-Instruct, bf16), sensitive 0.1% mask (WikiText-2, computed once and cached):
+(SmolLM2-135M-Instruct, bf16) or another of ``--models`` (Qwen2.5-Coder-0.5B: fetch it first with
+``python benchmarks/qwen.py``), sensitive 0.1% mask (WikiText-2, computed once per model and cached):
 
 - one *cell* = (optimiser, task, seed, lr, budget): ``budget`` forwards of training (steps =
   budget / forwards per step), dev evaluated every ``budget / EVALS`` forwards, then the test
@@ -40,6 +41,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from sparsezo.errors import SparseZOError
 from sparsezo.io import read_json, write_json, write_text
 from stats import paired
 
@@ -69,10 +71,11 @@ LRS = {"sgd": ("3e-05", "0.0001", "0.0003", "auto"), "hizoo": ("0.03", "0.1", "0
        "fzoo": ("0.001", "0.003", "0.01", "auto"),
        "adam": ("1e-05", "3e-05", "0.0001", "auto"), "sign": ("1e-06", "3e-06", "1e-05", "auto"),
        "momentum": ("3e-06", "1e-05", "3e-05", "auto")}
-# Models: the default in bf16; the same with the 4-bit NF4 base (SensZOQ's setting); and a stand-in for
+# Models: the default in bf16; the same with the 4-bit NF4 base (SensZOQ's setting); a stand-in for
 # "another family": the default with its final norm ×3, so logits and projected gradients are ~3× larger
-# (a user's report: a 270M model whose gradients are ~3× SmolLM2's learned nothing at ZO-SGD's default lr).
-MODELS = ("smollm2", "smollm2-nf4", "smollm2-logits3x")
+# (a user's report: a 270M model whose gradients are ~3× SmolLM2's learned nothing at ZO-SGD's default lr);
+# and the second family itself, Qwen2.5-Coder-0.5B (qwen2) in bf16, fetched by benchmarks/qwen.py.
+MODELS = ("smollm2", "smollm2-nf4", "smollm2-logits3x", "qwen2.5-0.5b")
 QUERIES = {"fzoo": 8}  # queries a step where the rule needs several (FZOO's batch of one-sided slopes); else 1
 
 
@@ -143,12 +146,23 @@ def mean_tokens(splits: dict, tok) -> float:
     return statistics.mean(len(tok(e.prompt + e.candidates[e.gold]).input_ids) for e in ex)
 
 
+def model_source(name: str) -> str | None:
+    """The ``--model`` of a variant: None (the embedded default) or the Qwen2.5 file, which must be fetched first."""
+    if not name.startswith("qwen"):
+        return None
+    from qwen import available, path
+
+    if not available():
+        raise SparseZOError(f"model {name}: {path()} is missing; fetch it once with python benchmarks/qwen.py")
+    return str(path())
+
+
 def load_variant(name: str, density: float = DENSITY):
     """Model, tokenizer and sensitive mask (at ``density``) of one of :data:`MODELS`."""
     from sparsezo.model.load import load_model
     from sparsezo.quant.convert import quantize_model
 
-    model, tok = load_model(None, "bfloat16")
+    model, tok = load_model(model_source(name), "bfloat16")
     if name == "smollm2-logits3x":
         model.model.norm.weight.mul_(3)  # logits = head(norm(h)): ×3, up to bf16 rounding of the norm weights
     # the logit-scaled model has its own Fisher scores; the 4-bit one takes the full-precision model's mask
@@ -368,6 +382,11 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="print the projected cost and stop")
     p.add_argument("--report-only", action="store_true", help="rebuild results/convergence.md from every cell on disk")
     args = p.parse_args()
+    try:
+        for name in args.models:
+            model_source(name)  # a missing model is one line now, not a traceback after the other models' cells
+    except SparseZOError as e:
+        sys.exit(f"error: {e}")
     grid = cells(args)
     if args.report_only:
         write_text(REPORT, report(finished_cells()) + "\n")
@@ -375,7 +394,7 @@ def main() -> None:
         return
     from sparsezo.model.load import load_model
 
-    _, tok = load_model(None, "bfloat16")
+    _, tok = load_model(model_source(args.models[0]), "bfloat16")  # prompt lengths, for the projected cost
     tokens = {t: mean_tokens(load_splits(t, 0, tok), tok) for t in args.tasks}
     todo = [c for c in grid if not c.done()]
     cost = sum(projected_seconds(c, tokens[c.task]) for c in todo)

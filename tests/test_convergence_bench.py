@@ -83,3 +83,19 @@ def test_cells_of_another_protocol_are_left_out(cells):
     cells("sgd", 2, [(0, 0.5), (800, 0.7)], test=0.7, lr="auto", probe_backoff=1.0)  # probed under another rule
     cells("sgd", 3, [(0, 0.5), (800, 0.7)], test=0.7, lr="auto")
     assert sorted((c.seed, c.lr) for c in C.finished_cells()) == [(0, "0.0001"), (3, "auto")]
+
+
+def test_the_qwen_variant_loads_the_fetched_file_or_says_how_to_fetch_it(tmp_path, monkeypatch):
+    from sparsezo.errors import SparseZOError
+
+    qwen = load_benchmark("qwen")
+    assert C.model_source("smollm2") is None and C.model_source("smollm2-nf4") is None  # the embedded default
+    monkeypatch.setenv("SPARSEZO_HOME", str(tmp_path))
+    with pytest.raises(SparseZOError, match="python benchmarks/qwen.py"):
+        C.model_source("qwen2.5-0.5b")
+    f = qwen.path()
+    f.parent.mkdir(parents=True)
+    with open(f, "wb") as out:  # the pinned size is what `available` checks; fetch verified the hash
+        out.truncate(qwen.SIZE)
+    assert C.model_source("qwen2.5-0.5b") == str(f)
+    assert "qwen2.5-0.5b" in C.Cell("sgd", "sst2", 0, "auto", 400, "qwen2.5-0.5b").path.parts
