@@ -112,3 +112,28 @@ def test_the_fisher_plan_of_a_cuda_model_reads_the_device():
     tight = plan_passes(model, params, rows=8, seq_len=32, micro_batch=2, pool_bytes=0,
                         memory_limit=plan["estimate_bytes"] - 4 * sum(p.numel() for p in params.values()) // 2)
     assert len(tight["groups"]) > 1  # --max-memory bounds the device's memory: the scores go in passes
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant", ["nf4", "int4"])
+def test_a_plain_4bit_base_never_holds_its_dense_linears_on_the_gpu(tmp_path, quant):
+    """`mask compute --quant` on a GPU: the base loads on the host and each linear is quantized onto the
+    device in turn, so the device's peak stays near the 4-bit size, not the dense one."""
+    if quant == "nf4":
+        pytest.importorskip("bitsandbytes")
+    from helpers import tiny_tokenizer
+    from sparsezo.model.load import build_model
+    from sparsezo.model.params import eligible_parameters
+    from sparsezo.testing import tiny_llama
+
+    dense = tiny_llama(seed=0, vocab_size=64, hidden=1024, layers=4)
+    linear_bytes = sum(p.numel() * p.element_size() for p in eligible_parameters(dense).values())
+    dense.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model, _, _ = build_model(tmp_path / "m", "float32", "cuda", quant=quant)
+    assert all(t.device.type == "cuda" for t in [*model.parameters(), *model.buffers()])
+    assert torch.cuda.max_memory_allocated() - base < linear_bytes / 2  # the fp32 linears were never there whole

@@ -125,3 +125,49 @@ def test_cli_mask_compute_over_a_quantized_folder_scores_its_4bit_layers(tmp_pat
     assert got.rule == "sensitive" and set(got.indices) == set(ref.indices)
     assert all(torch.equal(got.indices[n], ref.indices[n]) for n in ref.indices)
     assert any(not torch.equal(got.indices[n], built.indices[n]) for n in built.indices if n in got.indices)
+
+
+@pytest.mark.parametrize("mask_given", [False, True])
+def test_a_plain_4bit_base_loads_on_the_host_and_each_layer_is_quantized_onto_the_device(tmp_path, monkeypatch,
+                                                                                        mask_given):
+    """`mask compute --quant` on a GPU: a 7B base's bf16 linears (13.5 GB) must never sit on the GPU together.
+    Without a GPU here, the device is recorded by spies: where the model loads, where each 4-bit layer is built,
+    where the whole goes last. A given mask streams its own way (load_model quantizes while reading)."""
+    from sparsezo.masks import Mask
+    from sparsezo.model import load as L
+    from sparsezo.quant import Int4Linear
+
+    folder = tmp_path / "m"
+    tiny_model(3).save_pretrained(folder)  # hidden 64: int4's groups fit
+    tiny_tokenizer().save_pretrained(folder)
+    seen = {"load": [], "quantize": [], "to": []}
+    real_load, real_quantize, real_to = L.load_model, L.quantize_model, nn.Module.to
+
+    def load_model(path, dtype, device, **kw):
+        seen["load"].append(device)
+        return real_load(path, dtype, "cpu", **kw)
+
+    def quantize_model(model, mask, quant, device=None):
+        seen["quantize"].append(device)
+        return real_quantize(model, mask, quant=quant, device="cpu")
+
+    def to(self, *args, **kw):
+        if args and args[0] == "cuda:3":
+            seen["to"].append(type(self).__name__)
+            return self
+        return real_to(self, *args, **kw)
+
+    monkeypatch.setattr(L, "load_model", load_model)
+    monkeypatch.setattr(L, "quantize_model", quantize_model)
+    monkeypatch.setattr(nn.Module, "to", to)
+    mask = None
+    if mask_given:
+        mask = compute_mask(L.load_model(folder, "float32", "cpu")[0], "random", 0.05, seed=0)
+        seen["load"].clear()
+    model, _, got = L.build_model(folder, "float32", "cuda:3", quant="int4", mask=mask)
+    assert seen["load"] == ["cuda:3" if mask_given else "cpu"]  # a given mask: streamed, 4-bit as it is read
+    assert seen["quantize"] == ([] if mask_given else ["cuda:3"])  # layer by layer onto the device
+    assert seen["to"] == [type(model).__name__]  # then the model (embeddings, norms) goes there whole
+    assert all(type(model.get_submodule(n.rsplit(".", 1)[0])) is Int4Linear
+               for n in eligible_parameters(tiny_model(0)))
+    assert isinstance(got, Mask) if mask_given else got is None

@@ -80,7 +80,7 @@ def test_a_narrowed_arm_lists_only_its_scope_keeps_its_cells_and_the_first_task_
     methods = {m: dataclasses.asdict(v) for m, v in R.METHODS.items()}
     assert f"`magnitude-large` on copa seed {R.SEARCH_SEED}" in R._narrowed(methods)[0]
     assert R._narrowed({m: {**v, "scope": ()} for m, v in methods.items()}) == []  # nothing narrowed: no line
-    keys = [0 if c.task == R.FIRST_TASK else 1 if c.seed == R.SEARCH_SEED else 2 for c in listed]
+    keys = [0 if c.task == R.GRID.first_task else 1 if c.seed == R.SEARCH_SEED else 2 for c in listed]
     assert keys == sorted(keys) and keys[0] == 0 and keys[-1] == 2
 
 
@@ -249,3 +249,62 @@ def test_a_cell_lock_is_held_while_its_worker_lives_and_free_once_it_is_gone(tmp
     store.release(live)
     store.release(dead)
     assert not list(store.root.rglob("*.lock"))  # released locks leave no files behind
+
+
+@pytest.fixture
+def qwen(monkeypatch):
+    """The Qwen2.5 grid as the process's grid (main() sets it from --model)."""
+    monkeypatch.setattr(R, "GRID", R.GRIDS["qwen2.5-0.5b"])
+    return R.GRID
+
+
+def test_the_qwen_grid_keeps_its_cells_and_masks_apart_and_the_default_grid_keeps_its_specs(tmp_path, qwen):
+    cell = R.Cell("train", "sensitive", "rte", 0)
+    assert cell.spec()["model"] == "qwen2.5-0.5b" and cell.spec()["lr_auto"] and cell.spec()["calib_tokens"] == 8192
+    assert qwen.cache != R.GRIDS["smollm2"].cache and qwen.out != R.GRIDS["smollm2"].out
+    store = R.Store(tmp_path / "r")
+    _put(store, cell, test_accuracy=0.6)
+    assert store.result("sensitive", "rte", 0)["test_accuracy"] == 0.6  # --lr auto: no search to wait for
+    R.GRID = R.GRIDS["smollm2"]  # (monkeypatch restores the attribute after the test)
+    assert "model" not in R.Cell("train", "full", "sst2", 0, 1e-4).spec()  # the 153 stored cells stay valid
+    # the same name in another grid is another cell: its settings differ
+    assert store.get(R.Cell("train", "sensitive", "rte", 0)) is None
+
+
+def test_the_qwen_grid_runs_its_first_task_method_by_method_with_its_evals_first(tmp_path, qwen):
+    listed = R.all_cells(R.Store(tmp_path / "r"))
+    assert len(listed) == len(set(listed)) == R.expected_cells(R.Store(tmp_path / "r"))
+    assert len(listed) == len(qwen.tasks) * len(R.SEEDS) * (len(qwen.methods) + len(qwen.eval_only))
+    first = [(c.kind, c.method, c.seed) for c in listed if c.task == qwen.first_task]
+    assert listed[:len(first)] == [c for c in listed if c.task == qwen.first_task]  # its whole block comes first
+    assert first[:3] == [("eval", "zero-shot", s) for s in R.SEEDS]
+    assert first[3:6] == [("train", next(iter(qwen.methods)), s) for s in R.SEEDS]  # one method's seeds, then the next
+    assert all(c.lr is None for c in listed if c.kind == "train")  # every method runs --lr auto
+
+
+def test_the_qwen_report_has_its_claims_and_the_chosen_lrs_and_no_search_or_auto_share_sections(tmp_path, qwen):
+    store = R.Store(tmp_path / "r")
+    curve = [{"step": i, "forwards": 2 * i, "dev": 0.55 + 0.02 * i} for i in range(7)]
+    for s in R.SEEDS:
+        _put(store, R.Cell("eval", "zero-shot", "rte", s), test_accuracy=0.55, seconds=1.0)
+        for m, acc in (("sensitive", 0.62 + 0.01 * s), ("random", 0.56)):
+            _put(store, R.Cell("train", m, "rte", s), test_accuracy=acc, dev_auc=acc, curve=curve, improved=True,
+                 probe_forwards=16, lr_used=2e-5 * (s + 1), seconds=1.0)
+    r = R.report(store, tmp_path / "r", "cmd")
+    claim = next(c for c in r["claims"] if (c["a"], c["b"]) == ("sensitive", "zero-shot"))
+    assert claim["n"] == 3 and claim["verdict"] == "a better" and math.isclose(claim["mean_diff"], 0.08)
+    assert next(c for c in r["claims"] if (c["a"], c["b"]) == ("sensitive", "full"))["n"] == 0
+    assert r["model"] == "qwen2.5-0.5b" and r["cells_done"] == 9
+    md = (tmp_path / "r.md").read_text()
+    assert md.startswith(f"# Reproduction: {qwen.title}") and "Qwen2.5-Coder-0.5B-Instruct" in md
+    assert "| sensitive | - | 2.0e-05, 4.0e-05, 6.0e-05 |" in md  # rte is the second column (the dict's order)
+    assert "Learning-rate search" not in md and "against the searched lr" not in md
+    assert (tmp_path / "r_rte.png").is_file()
+
+
+def test_a_missing_second_model_is_one_error_line(tmp_path):
+    env = dict(os.environ, SPARSEZO_HOME=str(tmp_path))  # no models fetched there
+    proc = subprocess.run([sys.executable, str(R.__file__), "--model", "qwen2.5-0.5b", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "benchmarks/qwen.py" in proc.stderr and not (tmp_path / "r_cells").exists()

@@ -91,17 +91,20 @@ def build_model(path: str | os.PathLike | None = None, dtype: str = "bfloat16", 
       it, eval and merge check the delta when they apply it).
     """
     given = mask if isinstance(mask, Mask) else None
-    model, tok = load_model(path, dtype, device, quant=quant if mask is not None else None,
+    # a plain 4-bit base needs no full-precision weights on the device: it loads on the host (bf16 shards stay
+    # mmap views) and each linear is quantized onto the device in turn
+    plain_4bit = quant is not None and mask is None
+    model, tok = load_model(path, dtype, "cpu" if plain_4bit else device, quant=quant if mask is not None else None,
                             mask=given if quant else None)
     built_with = quantized_mask(model)
     if built_with is not None:  # a quantized folder, or the given mask's linears quantized while streaming
         if given is None and mask is not None:
             log.info("using the mask the quantized model was built with (%s)", built_with.rule)
-        return model, tok, given or built_with
+        return model.to(device), tok, given or built_with
     chosen = given if given is not None or mask is None else mask(model, tok)
     if quant:
-        quantize_model(model, chosen, quant=quant)
-    return model, tok, chosen
+        quantize_model(model, chosen, quant=quant, device=device)
+    return model.to(device), tok, chosen
 
 
 def check_loading_info(info: dict[str, Any], folder: Path) -> None:

@@ -50,10 +50,14 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mask: Mask | None = None, nested: bool = True, quant: str = "nf4") -> nn.Module:
+def quantize_model(model: nn.Module, mask: Mask | None = None, nested: bool = True, quant: str = "nf4",
+                   device: str | torch.device | None = None) -> nn.Module:
     """Replace every linear the mask covers by a 4-bit layer (``quant``) keeping the masked entries exact.
 
     Without a mask, every eligible linear is quantized with no exact entries (a plain 4-bit base).
+    ``device``: where the 4-bit layers are built (default: where each weight is). A model loaded on
+    the host is quantized onto a GPU one layer at a time, so its dense linears never sit on the GPU
+    together (a 7B base in bf16 needs 13.5 GB; in 4 bits, 3.7 GB); the caller moves the rest.
     """
     if mask is None:
         params = eligible_parameters(model)
@@ -65,9 +69,14 @@ def quantize_model(model: nn.Module, mask: Mask | None = None, nested: bool = Tr
         lin = model.get_submodule(_module_name(wname))
         if not isinstance(lin, nn.Linear):
             raise SparseZOError(f"{wname} belongs to a {type(lin).__name__}, not a Linear layer; it cannot be quantized")
-        _swap(model, _module_name(wname), from_linear(quant, lin.weight, lin.bias, idx, lin.weight.dtype, nested))
+        weight, bias = (lin.weight, lin.bias) if device is None else (lin.weight.to(device), _to(lin.bias, device))
+        _swap(model, _module_name(wname), from_linear(quant, weight, bias, idx, lin.weight.dtype, nested))
     model.sparsezo_quant = {"mask": mask.meta}
     return model
+
+
+def _to(t: torch.Tensor | None, device: str | torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
 
 
 def _shells(model: nn.Module, mask: Mask, dtype: torch.dtype, nested: bool, has_bias: set[str],
