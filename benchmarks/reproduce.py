@@ -200,15 +200,15 @@ GRIDS = {
         "results/reproduction", FULL_STEP_SECONDS),
     "qwen2.5-0.5b": Grid(
         "qwen2.5-0.5b", "sensitive, full and random ZO on Qwen2.5-Coder-0.5B, equal forwards, the default --lr auto",
-        "Qwen2.5-Coder-0.5B-Instruct (qwen2, 494 M parameters, from the GGUF file benchmarks/qwen.py fetches), "
-        "bfloat16. Masks at density 1e-3 (full ZO: all 494 M weights); `sensitive` = Fisher on 8,192 WikiText-2 "
+        "Qwen2.5-Coder-0.5B-Instruct (qwen2, from the GGUF file benchmarks/qwen.py fetches: 630 M weights, its "
+        "151,936-token head untied), bfloat16. Masks at density 1e-3 (full ZO: every weight); `sensitive` = Fisher on 8,192 WikiText-2 "
         "tokens, `sensitive-nf4` = the same mask over a 4-bit NF4 base, `random` = a seeded random 0.1%. Every "
         "method runs ZO-SGD with `--lr auto` (the CLI default: no search; its probe's forwards come on top of the "
         "budget).",
         QWEN_TASKS, QWEN_METHODS, QWEN_CLAIMS, (), ("zero-shot",),
         "rte",  # above chance zero-shot on this model: the first candidate for a task that moves besides SST-2
         "results/reproduction_qwen",
-        FULL_STEP_SECONDS * 494 / 134.5),  # the per-entry work of a step scales with the weights
+        FULL_STEP_SECONDS * 630 / 134.5),  # the per-entry work of a step scales with the weights
 }
 GRID = GRIDS["smollm2"]  # the grid this process runs: main() sets it from --model (workers get the same flag)
 
