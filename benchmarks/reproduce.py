@@ -2,6 +2,7 @@
 same, stated budget of forwards and its own lr search per task? One grid, one report, plots.
 
     python benchmarks/reproduce.py [--workers 2] [--out results/reproduction] [--plan] [--report-only]
+    python benchmarks/reproduce.py --model qwen2.5-0.5b ...   # issue 37: the same protocol on Qwen2.5 (GRIDS)
 
 Protocol (every number below is a constant of this file and part of each cell's recorded spec):
 
@@ -201,8 +202,9 @@ GRIDS = {
     "qwen2.5-0.5b": Grid(
         "qwen2.5-0.5b", "sensitive, full and random ZO on Qwen2.5-Coder-0.5B, equal forwards, the default --lr auto",
         "Qwen2.5-Coder-0.5B-Instruct (qwen2, from the GGUF file benchmarks/qwen.py fetches: 630 M weights, its "
-        "151,936-token head untied), bfloat16. Masks at density 1e-3 (full ZO: every weight); `sensitive` = Fisher on 8,192 WikiText-2 "
-        "tokens, `sensitive-nf4` = the same mask over a 4-bit NF4 base, `random` = a seeded random 0.1%. Every "
+        "151,936-token head untied), bfloat16. Masks at density 1e-3 (full ZO: every weight); `sensitive` = "
+        "Fisher on 8,192 WikiText-2 tokens, `sensitive-nf4` = the same mask over a 4-bit NF4 base, `random` = a "
+        "seeded random 0.1%. Every "
         "method runs ZO-SGD with `--lr auto` (the CLI default: no search; its probe's forwards come on top of the "
         "budget).",
         QWEN_TASKS, QWEN_METHODS, QWEN_CLAIMS, (), ("zero-shot",),
